@@ -1,0 +1,122 @@
+"""The `sweeper` command line. Heavy imports (torch, mlflow, optuna) happen inside the commands."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+class CLIError(click.ClickException):
+    """Shown as `error: <message>` with exit code 2."""
+
+    exit_code = 2
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+def user_errors():
+    """Config, data and tracking problems become one clear line instead of a traceback."""
+    from trainers.config import ConfigError
+    from trainers.data import DataNotFoundError
+    from .tracking import TrackingError
+
+    return (ConfigError, DataNotFoundError, TrackingError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sweeper")
+def main() -> None:
+    """Studies of distributed deep-learning training: Optuna drives, MLflow records."""
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set optim.lr=0.01 (repeatable).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or "
+              "sqlite:///mlruns/mlflow.db].")
+@click.option("--experiment", default="sweeper-train", show_default=True, help="MLflow experiment name.")
+@click.option("--run-name", default=None, help="MLflow run name [default: dataset-model-optimizer].")
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
+              help="Checkpoint every epoch here; a rerun with the same directory resumes.")
+@click.option("--no-track", is_flag=True, help="Do not log to MLflow.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir, no_track, as_json):
+    """Train one CONFIG (YAML; defaults when omitted) and log it to MLflow."""
+    from .run import run_training
+
+    try:
+        result, run_id, uri = run_training(config, list(overrides), tracking_uri=tracking_uri, experiment=experiment,
+                                           run_name=run_name, checkpoint_dir=checkpoint_dir, track=not no_track,
+                                           quiet=as_json)
+    except user_errors() as err:
+        raise CLIError(str(err)) from None
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri}))
+        return
+    s = result.summary()
+    click.echo(f"status {s['status']}: {s['epochs_completed']} epochs in {s['total_time']:.1f} s on {s['device']}")
+    if "final_eval_acc" in s:
+        click.echo(f"eval accuracy {s['final_eval_acc']:.2f}% (best {s['best_eval_acc']:.2f}%), eval loss "
+                   f"{s['final_eval_loss']:.4f}, {s['mean_images_per_sec']:.0f} training images/s")
+    if run_id:
+        click.echo(f"MLflow run {run_id} in experiment '{experiment}' at {uri}")
+        if uri.startswith("sqlite:"):
+            click.echo("see it in the UI: sweeper server  (then open http://127.0.0.1:5000)")
+
+
+@main.command()
+@click.option("--steps", default=200, show_default=True, help="Timed training steps per row.")
+@click.option("--warmup", default=20, show_default=True, help="Untimed steps before timing.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--model", default="lenet5", show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--loader-workers", default=2, show_default=True, help="DataLoader processes of baseline (a).")
+@click.option("--workers", "worker_counts", default="2,4,8", show_default=True,
+              help="K of the K-worker rows (comma-separated; empty for none).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout.")
+def bench(steps, warmup, batch_size, model, device, loader_workers, worker_counts, as_json):
+    """Training throughput side by side: the first source's DataLoader loop vs the trainer core,
+    K-worker backends, GFLOP/s against the device's matmul peak."""
+    from trainers.bench import BenchSettings, run_bench
+
+    counts = tuple(int(k) for k in worker_counts.split(",") if k.strip())
+    s = BenchSettings(steps=steps, warmup=warmup, batch_size=batch_size, model=model, device=device,
+                      loader_workers=loader_workers, workers=counts)
+    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    try:
+        result = run_bench(s, log=log, include_workers=bool(counts))
+    except user_errors() as err:
+        raise CLIError(str(err)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--backend-store-uri", default=None, help="[default: sqlite:///mlruns/mlflow.db]")
+def server(host, port, backend_store_uri):
+    """Start a real MLflow tracking server + UI on the local store."""
+    import os
+    from pathlib import Path
+
+    from .tracking import DEFAULT_TRACKING_URI, artifact_root, tracking_uri
+
+    uri = tracking_uri(backend_store_uri or DEFAULT_TRACKING_URI)
+    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    root = artifact_root(uri)
+    if root:
+        Path(root[len("file://"):]).mkdir(parents=True, exist_ok=True)
+        args += ["--default-artifact-root", root]
+    click.echo(f"MLflow UI at http://{host}:{port} (store {uri}); Ctrl-C stops it", err=True)
+    os.execv(sys.executable, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

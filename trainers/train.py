@@ -1,0 +1,303 @@
+"""The training loop: `train(config, on_epoch, checkpoint_dir) -> TrainResult`.
+
+The loop owns what every run shares (data on the device, evaluation, divergence, checkpoints, timing);
+a *runner* owns how one epoch of steps is taken: `CentralizedRunner` here, the K-worker engine's
+runners in `engine.py`. A runner has `train_epoch(epoch) -> dict`, `eval_model() -> nn.Module`,
+`state_dict()`, `load_state_dict()`, and may have `totals()` / `algorithm_state()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .data import Dataset, augment, load_dataset, normalize
+from .models import build_model
+from .optim import build_optimizer
+from .results import EpochReport, TrainResult
+from .schedules import build_scheduler, scale_lr
+
+CHECKPOINT = "checkpoint.pt"
+DIVERGENCE_CHECK_EVERY = 25  # steps between host syncs that look for a NaN/inf or exploding loss
+
+EpochCallback = Callable[[EpochReport], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+class Diverged(Exception):
+    """Raised inside a runner's epoch when the loss is NaN/inf or above `divergence_loss`."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but torch sees no CUDA device "
+                          f"(torch {torch.__version__}, cuda build: {torch.version.cuda}); use device=cpu or auto")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Batcher:
+    """Turns resident uint8 training data into normalised, augmented batches on the device."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device):
+        self.data = data
+        self.augment = cfg.data.augment and (cfg.data.crop_padding > 0 or cfg.data.flip)
+        self.padding, self.flip = cfg.data.crop_padding, cfg.data.flip
+        shape = (1, data.channels, 1, 1)
+        self.mean = torch.tensor(data.mean, device=device).view(shape)
+        self.std = torch.tensor(data.std, device=device).view(shape)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is not None and self.augment:
+            x = augment(x, generator, self.padding, self.flip)
+        return normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
+
+    def train_batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prepare(self.data.train_x[idx], generator), self.data.train_y[idx]
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batcher: Batcher, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """Mean loss and accuracy (%) of `model` on the evaluation split."""
+    data = batcher.data
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for start in range(0, len(data.eval_y), cfg.eval_batch_size):
+        x = batcher.prepare(data.eval_x[start:start + cfg.eval_batch_size], None)
+        y = data.eval_y[start:start + cfg.eval_batch_size]
+        with autocast(cfg, device):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(data.eval_y)
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+class LossMeter:
+    """Sums loss and correct predictions on the device; looks at them on the host only every
+    DIVERGENCE_CHECK_EVERY steps so the hot loop does not wait on the device."""
+
+    def __init__(self, device: torch.device, limit: float):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.count = 0
+        self.steps = 0
+        self.limit = limit
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        n = y.shape[0]
+        self.loss += loss.detach().double() * n
+        self.correct += (out.detach().argmax(-1) == y).sum()
+        self.count += n
+        self.steps += 1
+        if self.steps % DIVERGENCE_CHECK_EVERY == 0:
+            self.check(loss.item())
+
+    def check(self, value: float) -> None:
+        if not math.isfinite(value) or value > self.limit:
+            raise Diverged(f"loss {value:.4g}")
+
+    def result(self) -> dict[str, float]:
+        loss = self.loss.item() / max(self.count, 1)
+        self.check(loss)
+        return {"train_loss": loss, "train_acc": 100.0 * self.correct.item() / max(self.count, 1),
+                "images": float(self.count)}
+
+
+class CentralizedRunner:
+    """One model, one optimizer: the reference every K-worker algorithm is compared with."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device,
+                 on_progress: ProgressCallback | None = None):
+        self.cfg, self.device, self.on_progress = cfg, device, on_progress
+        self.batcher = Batcher(cfg, data, device)
+        self.model = build_model(cfg.model, data.channels, data.image_size, data.num_classes).to(device)
+        self.model = self.model.to(memory_format=self.batcher.memory_format)
+        self.n = len(data.train_y)
+        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+        lr = scale_lr(cfg.optim.lr, cfg.batch_size, cfg.schedule)
+        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.epochs)
+        # One generator for shuffling and augmentation, on the training device, saved in checkpoints.
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        meter = LossMeter(self.device, cfg.divergence_loss)
+        perm = torch.randperm(self.n, device=self.device, generator=self.generator)
+        for step in range(self.steps_per_epoch):
+            x, y = self.batcher.train_batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.generator)
+            with autocast(cfg, self.device):
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            meter.add(loss, out, y)
+            if self.on_progress is not None:
+                self.on_progress(step + 1, self.steps_per_epoch)
+        stats = meter.result()
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+
+
+def make_runner(cfg: TrainConfig, data: Dataset, device: torch.device, on_progress: ProgressCallback | None):
+    if cfg.distributed.enabled:
+        from .engine import make_engine  # the K-worker engine
+
+        return make_engine(cfg, data, device, on_progress)
+    return CentralizedRunner(cfg, data, device, on_progress)
+
+
+def check_fits(cfg: TrainConfig, data: Dataset) -> None:
+    """A batch larger than the data (per worker) is a config error, not a silent short epoch."""
+    workers = cfg.distributed.workers
+    n = len(data.train_y)
+    if cfg.batch_size * workers > n:
+        what = f"batch_size={cfg.batch_size}" + (f" x distributed.workers={workers}" if workers > 1 else "")
+        raise ConfigError(f"batch_size: {what} is larger than the {n} training examples of "
+                          f"{data.name} (split={cfg.data.split}); lower it or use more data")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic: a kill during the write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> dict | None:
+    if not path.exists():
+        return None
+    payload = torch.load(path, map_location=device, weights_only=False)
+    saved, current = payload["config"], cfg.to_dict()
+    if saved != current:
+        from .config import flatten
+
+        a, b = flatten(saved), flatten(current)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ConfigError(f"checkpoint {path} was written by a different config (differs in: "
+                          f"{', '.join(diff)}); delete it or use another checkpoint directory")
+    return payload
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, on_epoch: EpochCallback | None = None, checkpoint_dir: str | Path | None = None,
+          on_progress: ProgressCallback | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train `config` for its epochs, calling `on_epoch(report)` after each one.
+
+    With `checkpoint_dir`, the full state is saved after every epoch (before `on_epoch`), and a call
+    that finds a checkpoint there continues from it: the result equals an uninterrupted run bit for
+    bit on the CPU. Exceptions raised by `on_epoch` (e.g. a pruner's) propagate after the save.
+    """
+    cfg = config.validate()
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, cfg.seed, log).to(device)
+    check_fits(cfg, data)
+    runner = make_runner(cfg, data, device, on_progress)
+
+    history: list[EpochReport] = []
+    status = "completed"
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    payload = load_checkpoint(ckpt, cfg, device) if ckpt is not None else None
+    if payload is not None:
+        runner.load_state_dict(payload["runner"])
+        set_rng_state(payload["rng"], device)
+        history = [EpochReport(**r) for r in payload["history"]]
+        status = payload["status"]
+        log(f"resuming from {ckpt} after epoch {len(history)}")
+
+    while status == "completed" and len(history) < cfg.epochs:
+        epoch = len(history)
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            stats = runner.train_epoch(epoch)
+        except Diverged as why:
+            log(f"epoch {epoch + 1}: diverged ({why})")
+            status = "diverged"
+            stats = {"train_loss": math.nan, "train_acc": math.nan, "images": 0.0, "lr": math.nan}
+        sync(device)
+        epoch_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        eval_loss, eval_acc = (math.nan, math.nan)
+        if status == "completed":
+            eval_loss, eval_acc = evaluate(runner.eval_model(), runner.batcher, cfg, device)
+        extra = {k: v for k, v in stats.items() if k not in ("train_loss", "train_acc", "images", "lr")}
+        report = EpochReport(epoch=epoch + 1, train_loss=stats["train_loss"], train_acc=stats["train_acc"],
+                             eval_loss=eval_loss, eval_acc=eval_acc, lr=stats["lr"], epoch_time=epoch_time,
+                             eval_time=time.perf_counter() - t1,
+                             images_per_sec=stats["images"] / epoch_time if epoch_time > 0 else 0.0, extra=extra)
+        history.append(report)
+        if ckpt is not None:
+            save_checkpoint(ckpt, {"config": cfg.to_dict(), "status": status, "history": [asdict(r) for r in history],
+                                   "runner": runner.state_dict(), "rng": rng_state(device)})
+        if on_epoch is not None:
+            on_epoch(report)
+
+    totals = runner.totals() if hasattr(runner, "totals") else {}
+    state = runner.algorithm_state() if hasattr(runner, "algorithm_state") else {}
+    return TrainResult(status=status, epochs_completed=len(history), history=history,
+                       total_time=time.perf_counter() - started, device=str(device), totals=totals, state=state)
