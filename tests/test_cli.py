@@ -1,0 +1,90 @@
+import json
+import socket
+
+import pytest
+from click.testing import CliRunner
+
+from sweeper.cli import main
+
+SYNTHETIC = ["--set", "data.dataset=synthetic", "--set", "data.augment=false",
+             "--set", "data.synthetic={train_size: 256, test_size: 64, channels: 1, image_size: 16, classes: 4}",
+             "--set", "model.name=lenet5-classic", "--set", "epochs=2", "--set", "batch_size=32"]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_json_without_tracking(in_tmp):
+    result = CliRunner().invoke(main, ["train", "--no-track", "--json", *SYNTHETIC])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["summary"]["status"] == "completed" and out["summary"]["epochs_completed"] == 2
+    assert [h["epoch"] for h in out["history"]] == [1, 2]
+    assert out["mlflow_run_id"] is None
+
+
+def test_train_logs_params_metrics_and_artifacts_to_mlflow(in_tmp):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{in_tmp}/store/mlflow.db"
+    config = in_tmp / "run.yaml"
+    config.write_text("optim:\n  name: adamw\n  lr: 1.0e-3\n")
+    result = CliRunner().invoke(main, ["train", str(config), "--tracking-uri", uri, "--experiment", "cli-test",
+                                       "--json", *SYNTHETIC])
+    assert result.exit_code == 0, result.output
+    run_id = json.loads(result.stdout.strip().splitlines()[-1])["mlflow_run_id"]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.name"] == "adamw" and run.data.params["data.dataset"] == "synthetic"
+    history = client.get_metric_history(run_id, "eval_acc")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert "final/final_eval_acc" in run.data.metrics and run.data.tags["sweeper.status"] == "completed"
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "result.json"}
+    assert client.get_experiment(run.info.experiment_id).name == "cli-test"
+
+
+def test_bad_config_is_one_clear_line(in_tmp):
+    result = CliRunner().invoke(main, ["train", "--no-track", "--set", "optim.lr=-1"])
+    assert result.exit_code == 2
+    assert "error: optim.lr: must be positive" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_optimizer_names_the_choices(in_tmp):
+    result = CliRunner().invoke(main, ["train", "--no-track", "--set", "optim.name=adagrad"])
+    assert result.exit_code == 2
+    assert "optim.name: unknown value 'adagrad'; choose one of sgdm, adamw, lars, lamb" in result.output
+
+
+def test_dead_tracking_server_fails_before_training(in_tmp):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(main, ["train", "--tracking-uri", uri, *SYNTHETIC])
+    assert result.exit_code == 2
+    assert f"MLflow tracking store {uri} is unreachable" in result.output
+    assert "epoch" not in result.output
+
+
+def test_batch_larger_than_data(in_tmp):
+    result = CliRunner().invoke(main, ["train", "--no-track", *SYNTHETIC, "--set", "batch_size=4096"])
+    assert result.exit_code == 2 and "is larger than the" in result.output
+
+
+def test_bench_json_reports_rows_and_ratio(in_tmp):
+    result = CliRunner().invoke(main, ["bench", "--json", "--steps", "4", "--warmup", "2", "--workers", "",
+                                       "--loader-workers", "0", "--model", "lenet5-classic"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    names = [r["name"] for r in out["rows"]]
+    assert names[0].startswith("(a)") and sum(n.startswith("(b)") for n in names) == 4
+    assert out["speedup_vs_baseline"] > 0 and out["step_gflop"] > 0
+    assert set(out["matmul_peak_gflops"]) == {"fp32", "bf16"}
