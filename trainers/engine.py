@@ -1,0 +1,660 @@
+"""The K-worker engine: K simulated data-parallel workers (DESIGN, "The K-worker engine").
+
+Each worker k has parameters x_k, its own inner optimizer and scheduler, its own shard and generator, and
+takes local steps with local batch B; an epoch is one pass of every worker over its shard, so
+ceil(N / (K*B)) local steps each. The learning rate is scaled for the global batch K*B.
+
+All workers' parameters live in one flat tensor X [K, P] (float BatchNorm buffers in B [K, Q]); the
+workers' modules (serial backend) or stacked parameters (vmap backend) are views into it. So averaging,
+gossip, SlowMo and the spread statistics are single tensor ops over X, whatever the backend.
+
+Backends:
+- `serial`: K module copies stepped one after another: the reference semantics.
+- `vmap`: one batched forward/backward per step (torch.func.functional_call + vmap + grad) on parameters
+  stacked on a leading worker dim, one optimizer built with `stacked=True` (per-worker LARS/LAMB norms).
+- `dist` (one process per worker under torch.distributed) is not built yet.
+
+Time is measured per local step and per communication (CUDA events on a GPU, read once per epoch), and
+communication is counted in rounds and bytes and priced by `comm.py`'s network model.
+
+Sources (/work/shared/seeds, numbered as in DESIGN.md): first = 000 (Local SGD, SlowMo, dynamic J_t in
+section 6), second = 002 (post-local SGD, averaging before evaluation), fourth = 003 (DPSGD, SSGD*),
+fifth = 004 (ADPSGD, Algorithm 2).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import algorithms as alg
+from . import comm
+from .config import ConfigError, TrainConfig
+from .data import Dataset, shard_indices
+from .models import build_model
+from .optim import build_optimizer
+from .schedules import build_scheduler, scale_lr
+from .train import Batcher, LossMeter, ProgressCallback, autocast
+
+AVERAGING = ("local", "post-local", "dynamic-local", "adaptive-local")
+GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads derived seeds far apart
+
+
+def derived_seed(seed: int, stream: int) -> int:
+    """Seed of an independent stream of run `seed`; stream 0 is the run seed itself, so worker 0 of a
+    one-worker run draws exactly what the centralized runner draws."""
+    return (seed + stream * GOLDEN) % 2**63
+
+
+def make_engine(cfg: TrainConfig, data: Dataset, device: torch.device,
+                on_progress: ProgressCallback | None = None) -> "WorkerRunner":
+    if cfg.distributed.backend == "dist":
+        raise ConfigError("distributed.backend: dist (one process per worker under torch.distributed, launched "
+                          "by torchrun) comes with the scale-out work and is not available yet; use serial "
+                          "(the reference) or vmap (batched, for GPUs)")
+    return WorkerRunner(cfg, data, device, on_progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flat layout of a model's tensors
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # the tensor's own dense layout (e.g. channels_last), kept in the flat row
+    offset: int
+
+
+class Layout:
+    """Where each parameter (and float buffer) of the model lives in a flat row."""
+
+    def __init__(self, model: nn.Module):
+        self.params, self.p = self._slots(model.named_parameters())
+        floats = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        self.buffers, self.q = self._slots(floats)
+        self.ints = [n for n, b in model.named_buffers() if not b.is_floating_point()]  # BN step counters
+        dtypes = {t.dtype for _, t in [*model.named_parameters(), *floats]}
+        if len(dtypes) > 1:
+            raise ValueError(f"the K-worker engine needs one parameter dtype, got {dtypes}")
+        self.dtype = dtypes.pop()
+
+    @staticmethod
+    def _slots(named) -> tuple[list[Slot], int]:
+        slots, offset = [], 0
+        for name, t in named:
+            stride = torch.empty_like(t).stride()  # dense strides in t's memory format
+            slots.append(Slot(name, tuple(t.shape), stride, offset))
+            offset += t.numel()
+        return slots, offset
+
+    @staticmethod
+    def row_views(flat: Tensor, slots: list[Slot], k: int) -> list[Tensor]:
+        """Views of row k of flat [K, n], one per slot, shaped (and strided) like the model's tensors."""
+        base = flat.storage_offset() + k * flat.stride(0)
+        return [flat.as_strided(s.shape, s.stride, base + s.offset) for s in slots]
+
+    @staticmethod
+    def stacked_views(flat: Tensor, slots: list[Slot]) -> list[Tensor]:
+        """Views [K, *shape] of flat [K, n], one per slot: the stacked tensors of the vmap backend."""
+        k, base = flat.shape[0], flat.storage_offset()
+        return [flat.as_strided((k, *s.shape), (flat.stride(0), *s.stride), base + s.offset) for s in slots]
+
+    def stack(self, model: nn.Module, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """New flat X [k, P] and B [k, Q] holding k copies of the model's parameters and float buffers."""
+        x = torch.empty(k, self.p, dtype=self.dtype, device=device)
+        b = torch.empty(k, self.q, dtype=self.dtype, device=device)
+        with torch.no_grad():
+            for view, slot in zip(self.stacked_views(x, self.params), self.params):
+                view.copy_(model.get_parameter(slot.name))
+            for view, slot in zip(self.stacked_views(b, self.buffers), self.buffers):
+                view.copy_(model.get_buffer(slot.name))
+        return x, b
+
+    def bind(self, model: nn.Module, x: Tensor, b: Tensor, k: int) -> None:
+        """Make `model`'s parameters and float buffers views of row k of x and b (values are not copied)."""
+        for view, slot in zip(self.row_views(x, self.params, k), self.params):
+            model.get_parameter(slot.name).data = view
+        for view, slot in zip(self.row_views(b, self.buffers, k), self.buffers):
+            model.get_buffer(slot.name).data = view
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+class Clock:
+    """Times local steps (per worker) and communications without waiting on the device in the hot loop:
+    perf_counter on the CPU, CUDA events on a GPU (synchronised once, when the epoch's figures are read).
+
+    Rounds are delimited by communications: the parallel estimate adds, per round, the slowest worker's
+    compute since the previous communication (the epoch's end closes the last round)."""
+
+    COMM = -1
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[int, object, object]] = []
+
+    def now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def compute(self, worker: int, start) -> None:
+        self.spans.append((worker, start, self.now()))
+
+    def comm(self, start) -> None:
+        self.spans.append((self.COMM, start, self.now()))
+
+    def close(self) -> tuple[float, float, float]:
+        """(compute summed over workers, parallel compute, communication) seconds; clears the spans."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        total = parallel = communication = 0.0
+        current: dict[int, float] = {}
+        for who, start, end in self.spans:
+            seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+            if who == self.COMM:
+                communication += seconds
+                parallel += max(current.values(), default=0.0)
+                current.clear()
+            else:
+                total += seconds
+                current[who] = current.get(who, 0.0) + seconds
+        parallel += max(current.values(), default=0.0)
+        self.spans.clear()
+        return total, parallel, communication
+
+
+Batches = list[tuple[Tensor, torch.Generator]]  # per worker: (example indices, its generator)
+SyncFn = Callable[[list[Tensor]], None]  # averages stacked gradients [K, ...] in place
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+
+
+class SerialBackend:
+    """K module copies, stepped one after another on one device (the reference semantics)."""
+
+    def __init__(self, cfg: TrainConfig, template: nn.Module, layout: Layout, x: Tensor, b: Tensor,
+                 lr: float, steps_per_epoch: int, batcher: Batcher, device: torch.device):
+        self.cfg, self.layout, self.x, self.batcher, self.device = cfg, layout, x, batcher, device
+        self.models = []
+        for k in range(x.shape[0]):
+            model = copy.deepcopy(template)
+            layout.bind(model, x, b, k)
+            self.models.append(model.train())
+        self.params = [list(m.parameters()) for m in self.models]
+        self.optimizers = [build_optimizer(m.named_parameters(), cfg.optim, lr) for m in self.models]
+        self.schedulers = [build_scheduler(o, cfg.schedule, steps_per_epoch, cfg.epochs) for o in self.optimizers]
+        self.grad_buffer: Tensor | None = None  # flat [K, P] gradients, only for synchronous steps
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def _forward_backward(self, k: int, idx: Tensor, generator: torch.Generator, meter: LossMeter) -> None:
+        x, y = self.batcher.train_batch(idx, generator)
+        with autocast(self.cfg, self.device):
+            out = self.models[k](x)
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        meter.add(loss, out, y)
+
+    def step(self, batches: Batches, meter: LossMeter, clock: Clock, sync: SyncFn | None = None) -> None:
+        if sync is None:  # local steps: each worker steps on its own, exactly like the centralized runner
+            for k, (idx, generator) in enumerate(batches):
+                start = clock.now()
+                self.optimizers[k].zero_grad(set_to_none=True)
+                self._forward_backward(k, idx, generator, meter)
+                self.optimizers[k].step()
+                self.schedulers[k].step()
+                clock.compute(k, start)
+            return
+        # Synchronous step: every worker's gradient into the flat buffer, all-reduce, K identical steps.
+        if self.grad_buffer is None:
+            self.grad_buffer = torch.zeros_like(self.x)
+        self.grad_buffer.zero_()
+        for k, (idx, generator) in enumerate(batches):
+            start = clock.now()
+            for p, view in zip(self.params[k], self.layout.row_views(self.grad_buffer, self.layout.params, k)):
+                p.grad = view  # backward accumulates into the zeroed view in place
+            self._forward_backward(k, idx, generator, meter)
+            clock.compute(k, start)
+        sync([self.grad_buffer])
+        for k in range(len(batches)):
+            start = clock.now()
+            self.optimizers[k].step()
+            self.schedulers[k].step()
+            clock.compute(k, start)
+
+    def grads(self) -> Tensor:
+        """The workers' last gradients, [K, P] (a copy)."""
+        return torch.stack([torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                       for p in params]) for params in self.params])
+
+    def int_buffers(self, k: int) -> dict[str, Tensor]:
+        return {n: self.models[k].get_buffer(n) for n in self.layout.ints}
+
+    def train(self) -> None:
+        for m in self.models:
+            m.train()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers],
+                "ints": [{n: t.clone() for n, t in self.int_buffers(k).items()} for k in range(len(self.models))]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        with torch.no_grad():
+            for k, ints in enumerate(state["ints"]):
+                for n, t in ints.items():
+                    self.models[k].get_buffer(n).copy_(t)
+
+
+class VmapBackend:
+    """All K workers in one batched forward/backward per step: parameters stacked on a leading worker dim
+    (views of X), `torch.func.vmap` over `grad_and_value` of a `functional_call` of one template module,
+    one optimizer over the stacked parameters (elementwise rules are unchanged; LARS/LAMB take per-worker
+    norms through `build_optimizer(stacked=True)`)."""
+
+    def __init__(self, cfg: TrainConfig, template: nn.Module, layout: Layout, x: Tensor, b: Tensor,
+                 lr: float, steps_per_epoch: int, batcher: Batcher, device: torch.device):
+        self.cfg, self.layout, self.x, self.batcher, self.device = cfg, layout, x, batcher, device
+        self.k = x.shape[0]
+        self.template = template.train()
+        self.params = {s.name: nn.Parameter(v) for s, v in zip(layout.params, layout.stacked_views(x, layout.params))}
+        # BatchNorm statistics: vmap's batch-norm rule updates them in place only in contiguous [K, C]
+        # tensors (a strided view of B is silently copied), so they live apart and go through B each step.
+        self.b_views = layout.stacked_views(b, layout.buffers)
+        self.buffers = {s.name: v.clone(memory_format=torch.contiguous_format)
+                        for s, v in zip(layout.buffers, self.b_views)}
+        for n in layout.ints:  # BN step counters, one per worker
+            t = template.get_buffer(n)
+            self.buffers[n] = t.detach().expand(self.k, *t.shape).clone()
+        self.optimizer = build_optimizer(self.params.items(), cfg.optim, lr, stacked=True)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch, cfg.epochs)
+
+        def loss(params: dict, buffers: dict, inputs: Tensor, targets: Tensor):
+            with autocast(cfg, device):
+                out = torch.func.functional_call(template, (params, buffers), (inputs,))
+                value = F.cross_entropy(out, targets)
+            return value, out
+
+        self.grad_fn = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True))
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _inputs(self, batches: Batches, group: list[int]) -> tuple[Tensor, Tensor]:
+        data = self.batcher.data
+        if not self.batcher.augment:  # one gather and one normalisation for all workers (elementwise: equal)
+            idx = torch.cat([batches[k][0] for k in group])
+            x, y = self.batcher.prepare(data.train_x[idx], None), data.train_y[idx]
+        else:  # each worker's own generator draws its augmentation, as in the serial backend
+            xs, ys = zip(*(self.batcher.train_batch(*batches[k]) for k in group))
+            x, y = torch.cat(xs), torch.cat(ys)
+        return x.view(len(group), -1, *x.shape[1:]), y.view(len(group), -1)
+
+    @torch.no_grad()  # grad_and_value differentiates inside; nothing outside needs a graph
+    def _grads(self, batches: Batches, meter: LossMeter) -> dict[str, Tensor]:
+        sizes = [len(idx) for idx, _ in batches]
+        if len(set(sizes)) == 1:
+            groups = [list(range(self.k))]
+        else:  # shards of unequal size: the short last batches go in their own vmap call(s)
+            groups = [[k for k in range(self.k) if sizes[k] == s] for s in sorted(set(sizes))]
+        grads: dict[str, Tensor] = {}
+        for group in groups:
+            inputs, targets = self._inputs(batches, group)
+            if len(group) == self.k:
+                grads, (loss, out) = self.grad_fn(self.params, self.buffers, inputs, targets)
+            else:
+                idx = torch.tensor(group, device=self.device)
+                buffers = {n: t[idx] for n, t in self.buffers.items()}
+                part, (loss, out) = self.grad_fn({n: p[idx] for n, p in self.params.items()}, buffers,
+                                                 inputs, targets)
+                for n, t in buffers.items():  # BN running statistics of this group
+                    self.buffers[n][idx] = t
+                for n, g in part.items():
+                    grads.setdefault(n, torch.zeros_like(self.params[n]))[idx] = g
+            meter.add(loss.mean(), out.flatten(0, 1), targets.flatten())
+        return grads
+
+    def step(self, batches: Batches, meter: LossMeter, clock: Clock, sync: SyncFn | None = None) -> None:
+        start = clock.now()
+        floats = [self.buffers[s.name] for s in self.layout.buffers]
+        if floats:
+            torch._foreach_copy_(floats, self.b_views)
+        grads = self._grads(batches, meter)
+        if floats:
+            torch._foreach_copy_(self.b_views, floats)
+        if sync is not None:
+            clock.compute(0, start)
+            sync(list(grads.values()))
+            start = clock.now()
+        for n, p in self.params.items():
+            p.grad = grads[n]
+        self.optimizer.step()
+        self.scheduler.step()
+        clock.compute(0, start)
+
+    def grads(self) -> Tensor:
+        return torch.cat([p.grad.reshape(self.k, -1) for p in self.params.values()], 1)
+
+    def int_buffers(self, k: int) -> dict[str, Tensor]:
+        return {n: self.buffers[n][k] for n in self.layout.ints}
+
+    def train(self) -> None:
+        self.template.train()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ints": {n: self.buffers[n].clone() for n in self.layout.ints}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for n, t in state["ints"].items():
+            self.buffers[n].copy_(t)
+
+
+BACKENDS = {"serial": SerialBackend, "vmap": VmapBackend}
+
+
+# --------------------------------------------------------------------------------------------------
+# The runner
+
+
+class WorkerRunner:
+    """K workers under one of the distributed algorithms; the protocol of `train.CentralizedRunner`."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device,
+                 on_progress: ProgressCallback | None = None):
+        d = cfg.distributed
+        if d.backend not in BACKENDS:
+            raise ConfigError(f"distributed.backend: unknown backend {d.backend!r}; choose serial or vmap")
+        self.cfg, self.dist, self.device, self.on_progress = cfg, d, device, on_progress
+        self.k = d.workers
+        self.batcher = Batcher(cfg, data, device)
+        # Built first, as the centralized runner does, so that both draw the same initial weights.
+        template = build_model(cfg.model, data.channels, data.image_size, data.num_classes).to(device)
+        template = template.to(memory_format=self.batcher.memory_format)
+        self.n = len(data.train_y)
+        self.steps_per_epoch = math.ceil(self.n / (self.k * cfg.batch_size))
+        lr = scale_lr(cfg.optim.lr, self.k * cfg.batch_size, cfg.schedule)  # the global batch K*B
+
+        self.layout = Layout(template)
+        self.x, self.b = self.layout.stack(template, self.k, device)  # every worker starts from x_0
+        self.eval_x, self.eval_b = self.layout.stack(template, 1, device)
+        self.eval_module = copy.deepcopy(template)
+        self.layout.bind(self.eval_module, self.eval_x, self.eval_b, 0)
+        self.backend = BACKENDS[d.backend](cfg, template, self.layout, self.x, self.b, lr, self.steps_per_epoch,
+                                           self.batcher, device)
+
+        # One generator per worker (shuffling its shard, augmenting its batches); worker 0 uses the run seed.
+        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, k))
+                           for k in range(self.k)]
+        self.noise_generator = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, 1 << 20))
+        self.gossip_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, (1 << 20) + 1))
+
+        # Algorithm state (all of it in state_dict).
+        self.global_step = 0  # local steps each worker has taken
+        self.since_average = 0  # local steps since the last averaging
+        self.local_phase = d.algorithm != "post-local"  # post-local: minibatch SGD first
+        self.j = d.dynamic.j_min  # dynamic-local: the first period is J_min (synchronise early, cheaply)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        a = d.adaptive
+        self.controller = alg.PeriodController(a.p_init, warmup_steps=round(a.warmup_epochs * self.steps_per_epoch),
+                                               sample_steps=int(a.sample_fraction * total_steps), low=a.low,
+                                               high=a.high)
+        self.anchor = self.x[0].clone() if d.slowmo is not None else None  # SlowMo x_anchor and u
+        self.momentum = torch.zeros_like(self.x[0]) if d.slowmo is not None else None
+        self.trajectory: dict[str, list[float]] = {}
+        self.accumulated: dict[str, float] = {}
+
+        self.net = comm.network(d.network)
+        elem = self.x.element_size()
+        self.grad_bytes = self.layout.p * elem
+        self.model_bytes = (self.layout.p + self.layout.q) * elem  # parameters + BatchNorm statistics
+        self.matrices: dict = {}  # gossip matrices on the device, with their peer counts
+        self.rounds, self.bytes_sent = 0, 0.0  # of the current epoch
+
+    # -- one epoch ---------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, d = self.cfg, self.dist
+        self.backend.train()
+        meter = LossMeter(self.device, cfg.divergence_loss)
+        clock = Clock(self.device)
+        self.rounds, self.bytes_sent = 0, 0.0
+        plan = self._plan(epoch)
+        synchronous = d.algorithm == "minibatch" or (d.algorithm == "post-local" and epoch < d.switch_epoch)
+        if not synchronous and not self.local_phase:  # post-local switches to Local SGD
+            self._enter_local_phase()
+        for step in range(self.steps_per_epoch):
+            batches = [(self._batch(order, step), g) for order, g in zip(plan, self.generators)]
+            lr = self.backend.lr  # the lr this step uses (the schedulers step after it)
+            if synchronous:
+                clean = self._perturb() if d.noise_std > 0 else None
+                self.backend.step(batches, meter, clock, sync=lambda grads, w=clean: self._allreduce(grads, w, clock))
+            else:
+                self.backend.step(batches, meter, clock)
+                self._communicate(lr, clock)
+            self.global_step += 1
+            if self.on_progress is not None:
+                self.on_progress(step + 1, self.steps_per_epoch)
+        compute, parallel, measured = clock.close()
+        stats = meter.result()
+        stats["lr"] = self.backend.lr
+        modeled = comm.modeled_time(self.rounds, self.bytes_sent, self.net)
+        figures = {"compute_time": compute, "compute_time_parallel": parallel, "comm_rounds": float(self.rounds),
+                   "comm_bytes": self.bytes_sent, "comm_time_measured": measured, "comm_time_modeled": modeled,
+                   "wall_time_modeled": parallel + modeled}
+        for key, value in figures.items():
+            self.accumulated[key] = self.accumulated.get(key, 0.0) + value
+        stats.update(figures)
+        stats["local_steps_mean"] = self.steps_per_epoch / max(self.rounds, 1)  # local steps per round
+        if d.algorithm == "dynamic-local":
+            stats["local_steps"] = float(self.j)
+        elif d.algorithm == "adaptive-local":
+            stats["local_steps"] = float(self.controller.period(self.global_step))
+        return stats
+
+    def _plan(self, epoch: int) -> list[Tensor]:
+        """Each worker's examples for this epoch, in order: its shard (re-split every epoch under
+        `reshuffle`) in a random order drawn from its own generator."""
+        shards = shard_indices(self.n, self.k, self.dist.shards, self.cfg.seed, epoch)
+        return [s.to(self.device)[torch.randperm(len(s), device=self.device, generator=g)]
+                for s, g in zip(shards, self.generators)]
+
+    def _batch(self, order: Tensor, step: int) -> Tensor:
+        """Local batch `step` of a worker. All workers take the same number of steps, so a smaller shard
+        has a short last batch; a shard that is exhausted one step early (N/K a multiple of B while
+        ceil(N/(K*B)) is one more) starts over from its beginning for that step."""
+        b = self.cfg.batch_size
+        start = step * b
+        if start >= len(order):
+            start %= len(order)
+        return order[start:start + b]
+
+    # -- communication ---------------------------------------------------------------------------------
+
+    def _count(self, bytes_sent: float) -> None:
+        self.rounds += 1
+        self.bytes_sent += bytes_sent
+
+    @torch.no_grad()
+    def _perturb(self) -> Tensor:
+        """SSGD* (fourth source, section 2.2): each learner's weights are w_a + delta_j with delta_j i.i.d.
+        N(0, sigma_0^2 I), drawn fresh after each synchronous step; the gradients are taken there, the
+        synchronous update applies to the clean w_a. Returns w_a."""
+        clean = self.x[0].clone()
+        noise = torch.randn(self.x.shape, generator=self.noise_generator, device=self.device, dtype=self.x.dtype)
+        self.x.add_(noise, alpha=self.dist.noise_std)
+        return clean
+
+    @torch.no_grad()
+    def _allreduce(self, grads: list[Tensor], clean: Tensor | None, clock: Clock) -> None:
+        """minibatch (FULLSGD): average the workers' gradients, so every worker takes the same step."""
+        start = clock.now()
+        for g in grads:
+            g.copy_(g.mean(0, keepdim=True).expand_as(g))
+        if clean is not None:
+            self.x.copy_(clean.expand_as(self.x))
+        clock.comm(start)
+        self._count(comm.allreduce_bytes(self.grad_bytes, self.k))
+
+    def _communicate(self, lr: float, clock: Clock) -> None:
+        """After a local step of every worker: gossip (decentralized) or, at the end of a period, average."""
+        if self.dist.algorithm == "decentralized":
+            self._gossip(clock)
+            return
+        self.since_average += 1
+        if self.dist.algorithm == "dynamic-local":
+            period = self.j
+        elif self.dist.algorithm == "adaptive-local":
+            period = self.controller.period(self.global_step)
+        else:
+            period = self.dist.local_steps
+        if self.since_average >= period:
+            self._average(lr, clock)
+            self.since_average = 0
+
+    @torch.no_grad()
+    def _gossip(self, clock: Clock) -> None:
+        """DPSGD: x_k <- sum_j W_kj x_j after every local step (the DESIGN's adapt-then-combine order: each
+        worker steps, then mixes; the fourth source's eq. 2 mixes before applying the gradient, which
+        differs only in that the gradient step is not itself mixed). Optimizer state is not mixed."""
+        start = clock.now()
+        w, peers = self._mixing_matrix()
+        alg.mix_(self.x, w)
+        if self.layout.q:
+            alg.mix_(self.b, w)
+        clock.comm(start)
+        self._count(comm.gossip_bytes(self.model_bytes, peers))
+
+    def _mixing_matrix(self) -> tuple[Tensor, int]:
+        """W for this gossip step, on the device, and how many peers each worker sends to. The ring's and
+        the exponential graph's few matrices are built once; a random matching is drawn every step."""
+        topology = self.dist.topology
+        if topology == "random":
+            return self._placed(alg.matching_matrix(self.k, self.gossip_generator))
+        key = 0 if topology == "ring" else self.global_step % max(1, (self.k - 1).bit_length())
+        if key not in self.matrices:
+            w = alg.ring_matrix(self.k) if topology == "ring" else alg.exponential_matrix(self.k, key)
+            self.matrices[key] = self._placed(w)
+        return self.matrices[key]
+
+    def _placed(self, w: Tensor) -> tuple[Tensor, int]:
+        return w.to(device=self.device, dtype=self.x.dtype), alg.neighbours(w)  # peers counted on the host
+
+    @torch.no_grad()
+    def _average(self, lr: float, clock: Clock) -> None:
+        """An averaging round of local / post-local / dynamic-local / adaptive-local, after global step
+        `self.global_step`, whose lr was `lr`."""
+        d, x = self.dist, self.x
+        start = clock.now()
+        mean = x.mean(0)
+        bytes_sent = comm.allreduce_bytes(self.model_bytes, self.k)
+        if d.algorithm == "adaptive-local":
+            s = float(alg.spread(x, mean))  # one extra scalar all-reduce (source: negligible)
+            p = self.controller.update(self.global_step, s, lr)
+            self._record(adaptive_step=self.global_step, adaptive_S=s, adaptive_lr=lr, adaptive_period=p)
+        if d.algorithm == "dynamic-local":
+            # The statistics need the mean gradient: one more all-reduce, of the P gradient values.
+            big_g, sigma2 = alg.gradient_stats(self.backend.grads())
+            self.j = alg.dynamic_steps(big_g, sigma2, d.dynamic.alpha, d.dynamic.eps, d.dynamic.j_min, d.dynamic.j_max)
+            bytes_sent += comm.allreduce_bytes(self.grad_bytes, self.k)
+            self._record(dynamic_step=self.global_step, dynamic_J=self.j, dynamic_G=big_g, dynamic_sigma2=sigma2)
+        if d.slowmo is not None:
+            alg.slowmo_(self.anchor, self.momentum, mean, lr, d.slowmo.alpha, d.slowmo.beta, d.slowmo.nesterov)
+            mean = self.anchor
+        x.copy_(mean.expand_as(x))
+        if self.layout.q:  # BatchNorm statistics: plain averaging
+            alg.average_(self.b)
+        clock.comm(start)
+        self._count(bytes_sent)
+
+    def _enter_local_phase(self) -> None:
+        """post-local at `switch_epoch`: the workers are identical after minibatch SGD; Local SGD (and
+        SlowMo's anchor) starts from there."""
+        self.local_phase = True
+        self.since_average = 0
+        if self.anchor is not None:
+            self.anchor.copy_(self.x[0])
+            self.momentum.zero_()
+
+    def _record(self, **values: float) -> None:
+        for key, value in values.items():
+            self.trajectory.setdefault(key, []).append(value)
+
+    # -- the runner protocol -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def eval_model(self) -> nn.Module:
+        """The average of the workers' parameters and BatchNorm statistics (the second source: models are
+        averaged before evaluation), in a module of its own: the workers are untouched."""
+        self.eval_x.copy_(self.x.mean(0, keepdim=True))
+        self.eval_b.copy_(self.b.mean(0, keepdim=True))
+        for n, t in self.backend.int_buffers(0).items():
+            self.eval_module.get_buffer(n).copy_(t)
+        return self.eval_module
+
+    def totals(self) -> dict[str, float]:
+        """Run totals of the per-epoch figures (a resumed run includes the epochs before the resume)."""
+        out = dict(self.accumulated)
+        if out.get("comm_rounds"):
+            out["local_steps_mean"] = self.global_step / out["comm_rounds"]
+        return out
+
+    def algorithm_state(self) -> dict:
+        state: dict = {"algorithm": self.dist.algorithm, "workers": self.k, "local_steps_taken": self.global_step}
+        state.update({key: list(values) for key, values in self.trajectory.items()})
+        if self.dist.algorithm == "adaptive-local":
+            state["adaptive_C2"] = self.controller.c2
+        return state
+
+    def state_dict(self) -> dict:
+        return {"x": self.x.clone(), "b": self.b.clone(), "backend": self.backend.state_dict(),
+                "generators": [g.get_state() for g in self.generators],
+                "noise_generator": self.noise_generator.get_state(),
+                "gossip_generator": self.gossip_generator.get_state(),
+                "global_step": self.global_step, "since_average": self.since_average,
+                "local_phase": self.local_phase, "j": self.j, "controller": self.controller.state_dict(),
+                "anchor": None if self.anchor is None else self.anchor.clone(),
+                "momentum": None if self.momentum is None else self.momentum.clone(),
+                "trajectory": copy.deepcopy(self.trajectory), "accumulated": dict(self.accumulated)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.x.copy_(state["x"])
+        self.b.copy_(state["b"])
+        self.backend.load_state_dict(state["backend"])
+        for g, s in zip(self.generators, state["generators"]):
+            g.set_state(s.cpu())
+        self.noise_generator.set_state(state["noise_generator"].cpu())
+        self.gossip_generator.set_state(state["gossip_generator"].cpu())
+        self.global_step, self.since_average = state["global_step"], state["since_average"]
+        self.local_phase, self.j = state["local_phase"], state["j"]
+        self.controller.load_state_dict(state["controller"])
+        if self.anchor is not None:
+            self.anchor.copy_(state["anchor"])
+            self.momentum.copy_(state["momentum"])
+        self.trajectory = copy.deepcopy(state["trajectory"])
+        self.accumulated = dict(state["accumulated"])
