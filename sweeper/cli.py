@@ -71,8 +71,9 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
 
 
 @main.command()
-@click.option("--steps", default=200, show_default=True, help="Timed training steps per row.")
-@click.option("--warmup", default=20, show_default=True, help="Untimed steps before timing.")
+@click.option("--steps", default=100, show_default=True, help="Timed training steps per row.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed steps before timing.")
+@click.option("--repeats", default=3, show_default=True, help="Interleaved repeats of every row (median kept).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--model", default="lenet5", show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -80,13 +81,13 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
 @click.option("--workers", "worker_counts", default="2,4,8", show_default=True,
               help="K of the K-worker rows (comma-separated; empty for none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout.")
-def bench(steps, warmup, batch_size, model, device, loader_workers, worker_counts, as_json):
+def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, worker_counts, as_json):
     """Training throughput side by side: the first source's DataLoader loop vs the trainer core,
     K-worker backends, GFLOP/s against the device's matmul peak."""
     from trainers.bench import BenchSettings, run_bench
 
     counts = tuple(int(k) for k in worker_counts.split(",") if k.strip())
-    s = BenchSettings(steps=steps, warmup=warmup, batch_size=batch_size, model=model, device=device,
+    s = BenchSettings(steps=steps, warmup=warmup, repeats=repeats, batch_size=batch_size, model=model, device=device,
                       loader_workers=loader_workers, workers=counts)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     try:
@@ -116,6 +117,11 @@ def server(host, port, backend_store_uri):
         args += ["--default-artifact-root", root]
     click.echo(f"MLflow UI at http://{host}:{port} (store {uri}); Ctrl-C stops it", err=True)
     os.execv(sys.executable, args)
+
+
+from .study_cli import study, worker  # noqa: E402
+main.add_command(study)
+main.add_command(worker)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .tracking import STATE_DIR, RunLogger, connect, replay_spool, start_run
+from .tracking import STATE_DIR, RunLogger, connect, logger_for, replay_spool, start_run
 
 
 def default_run_name(cfg) -> str:
@@ -31,15 +33,75 @@ def log_config(logger: RunLogger, cfg, run_id: str) -> None:
     logger.log_artifact(path)
 
 
-def log_result(logger: RunLogger, result, run_id: str) -> None:
-    """Final figures as metrics at the last step, the status as a tag, the full result as JSON."""
+def log_result(logger: RunLogger, result, run_id: str, stage: Path | None = None, once: bool = False) -> None:
+    """Final figures as metrics at the last step, the status as a tag, the full result as JSON.
+    `once`: log the final metrics only if the run lacks them (a resumed trial may have logged them)."""
     summary = result.summary()
     numbers = {f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    logger.log_metrics(numbers, step=result.epochs_completed)
+    if once and numbers:
+        logger.backfill([(result.epochs_completed, numbers)], key=next(iter(numbers)))
+    else:
+        logger.log_metrics(numbers, step=result.epochs_completed)
     logger.set_tags({"sweeper.status": result.status})
-    path = run_dir(run_id) / "result.json"
+    path = (stage or run_dir(run_id)) / "result.json"
     path.write_text(json.dumps(result.to_dict(), indent=1, default=str))
     logger.log_artifact(path)
+
+
+def curves(history) -> dict[str, list[float]]:
+    """Per-epoch curves of a history, for plots and the trial's stored summary (NaN as None)."""
+    out: dict[str, list] = {"epoch": [r.epoch for r in history]}
+    for key in ("train_loss", "train_acc", "eval_loss", "eval_acc"):
+        out[key] = [_finite(getattr(r, key)) for r in history]
+    return out
+
+
+def _finite(x: float):
+    return x if x == x and abs(x) != float("inf") else None
+
+
+class TrackedRun:
+    """The MLflow side of one study trial: a nested child run that outlives the process.
+
+    The run is opened in the background (`RunLogger(create=...)`, in the study's courier process): reused
+    when its id is known, found by its key tag when a killed process created it without recording the id,
+    created otherwise. Training never waits for MLflow; what is not delivered when the study ends is
+    spooled."""
+
+    def __init__(self, client, experiment: str, key: str, run_name: str, parent: RunLogger | None,
+                 run_id: str | None = None, tags: dict | None = None):
+        self.stage = STATE_DIR / "runs" / key.replace("/", "-")
+        self.stage.mkdir(parents=True, exist_ok=True)
+        self.logger = logger_for(client, run_id, create={
+            "experiment": experiment, "run_name": run_name, "parent": parent, "key": key,
+            "tags": {k: str(v) for k, v in (tags or {}).items()}})
+
+    @property
+    def run_id(self) -> str | None:
+        return self.logger.run_id
+
+    def start(self, cfg, tags: dict, restored=()) -> None:
+        """Params, tags, the resolved config; epochs a checkpoint holds but the run may lack."""
+        self.logger.set_tags(tags)
+        self.logger.log_params(cfg.flat())
+        path = self.stage / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.logger.log_artifact(path)
+        if restored:
+            self.logger.backfill([(r.epoch, r.metrics()) for r in restored], key="epoch_time")
+
+    def epoch(self, report) -> None:
+        self.logger.log_metrics(report.metrics(), step=report.epoch)
+
+    def finish(self, result, tags: dict, title: str) -> None:
+        log_result(self.logger, result, self.run_id, stage=self.stage, once=True)
+        self.logger.log_plot(self.stage / "curves.png", curves(result.history), title)
+        self.end("FINISHED", tags)
+
+    def end(self, status: str, tags: dict | None = None) -> None:
+        if tags:
+            self.logger.set_tags(tags)
+        self.logger.end(status)
 
 
 @contextmanager
@@ -105,3 +167,65 @@ def run_training(config_path, overrides, tracking_uri=None, experiment="sweeper-
     finally:
         if logger is not None:
             logger.close(status)
+
+
+# --------------------------------------------------------------------------------------------------
+# A study trial's figures
+
+CURVE_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc")
+ADDITIVE = ("compute_time", "compute_time_parallel", "comm_rounds", "comm_bytes", "comm_time_measured",
+            "comm_time_modeled", "wall_time_modeled", "epoch_time", "eval_time")
+
+
+def trial_summary(history, status: str) -> dict[str, Any]:
+    """Final figures of a trial for its user attrs (and reports): last epoch, best epoch, and per-run
+    totals summed over *all* epochs, including those before a resume (the engine's own totals restart)."""
+    out: dict[str, Any] = {"status": status, "epochs": len(history)}
+    if not history:
+        return out
+    last = history[-1].metrics()
+    out.update({f"final_{k}": v for k, v in last.items() if k in CURVE_KEYS})
+    accs = [r.eval_acc for r in history if math.isfinite(r.eval_acc)]
+    if accs:
+        out["best_eval_acc"] = max(accs)
+    for key in ADDITIVE:
+        values = [r.metrics().get(key) for r in history]
+        if any(v is not None for v in values):
+            out[key] = sum(v for v in values if v is not None)
+    return out
+
+
+def objective_value(spec, result) -> float:
+    """The trial's value: the worst one when it diverged; a run total when the metric is one (e.g.
+    comm_time_modeled); else the metric at the final (or best) epoch."""
+    obj = spec.objective
+    if result.status == "diverged":
+        return obj.worst()
+    total = trial_summary(result.history, result.status).get(obj.metric)
+    if obj.metric in ADDITIVE and total is not None:
+        return float(total)
+    series = [r.metrics()[obj.metric] for r in result.history if obj.metric in r.metrics()]
+    summary = result.summary().get(obj.metric)
+    if not series and isinstance(summary, (int, float)) and math.isfinite(summary):
+        return float(summary)  # e.g. total_time
+    if not series:
+        known = sorted(result.history[-1].metrics()) if result.history else []
+        raise ValueError(f"objective.metric {obj.metric!r} was not reported by this run (it reports: "
+                         f"{', '.join(known)})")
+    if obj.mode == "best":
+        return max(series) if obj.direction == "maximize" else min(series)
+    return series[-1]
+
+
+def restored_history(ckpt_dir: Path) -> list:
+    """The epochs a checkpoint holds (they are not reported again by train(), so we log them)."""
+    from trainers.results import EpochReport
+    from trainers.train import CHECKPOINT
+
+    path = ckpt_dir / CHECKPOINT
+    if not path.exists():
+        return []
+    import torch
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return [EpochReport(**r) for r in payload["history"]]

@@ -4,15 +4,25 @@
 client. While the tracking server is down the thread keeps the items and retries; what is still
 undelivered when the run closes is written to a spool file under the local state directory, and
 `replay_spool` delivers it on a later command (every `sweeper` command that tracks calls it first).
+
+A study goes one step further: a `Courier` child process owns the MLflow client and every RunLogger,
+and the training process only sends it small messages (`RemoteLogger`). MLflow's imports, its SQLite
+ORM and matplotlib then never compete with training for the GIL (a thread would: measured ~10% of a
+study's wall time on 2 cores).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import queue
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,8 @@ from urllib.parse import urlparse
 # background, so each attempt should fail fast. Set before mlflow reads them.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# MLflow prints "View run ... at URL" from whichever thread ends a run, into our progress display.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 STATE_DIR = Path(os.environ.get("SWEEPER_STATE_DIR", "mlruns"))
 DEFAULT_TRACKING_URI = f"sqlite:///{STATE_DIR}/mlflow.db"
@@ -69,6 +81,55 @@ def connect(uri: str | None = None):
     return client
 
 
+def check_server(uri: str) -> None:
+    """A tracking server that does not answer is an error now, before a study starts (one request,
+    without importing mlflow). The local store has nothing to check."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except OSError as err:
+        raise TrackingError(f"MLflow tracking store {uri} is unreachable: {getattr(err, 'reason', err)}. Is the "
+                            f"server running? Start one with `sweeper server`, or use the local store with "
+                            f"--tracking-uri {DEFAULT_TRACKING_URI}.") from None
+
+
+class LazyClient:
+    """An MlflowClient built in a background thread (opening it takes seconds: imports, schema check);
+    any use waits until it is there. Spooled items of this store are replayed first, so that nothing
+    (a backfill, say) reads the runs before the spool has been delivered into them."""
+
+    def __init__(self, uri: str, spool_dir: Path | None = None):
+        self.tracking_uri = uri
+        self._client = None
+        self._error: Exception | None = None
+        self._ready = threading.Event()
+        self._spool_dir = spool_dir
+        threading.Thread(target=self._build, name="mlflow-open", daemon=True).start()
+
+    def _build(self) -> None:
+        try:  # no round trip here: a server down right now is an outage to wait out, not an error
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            replay_spool(self._client, self._spool_dir)  # keeps the files it cannot deliver yet
+        except Exception as err:  # noqa: BLE001 - e.g. a local store that cannot be opened
+            self._error = err
+        finally:
+            self._ready.set()
+
+    def wait_ready(self) -> None:
+        self._ready.wait()
+
+    def __getattr__(self, name: str):
+        self._ready.wait()
+        if self._client is None:
+            raise TrackingError(str(self._error))
+        return getattr(self._client, name)
+
+
 def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -87,25 +148,80 @@ def start_run(client, experiment: str, run_name: str, parent_run_id: str | None 
     return run.info.run_id
 
 
+def open_run(client, run_id: str | None, create: dict) -> str:
+    """The run to log into: `run_id` if it exists, else the run tagged `sweeper.run_key` = create["key"]
+    (one a killed process created but never recorded), else a new one. Marked RUNNING either way, so a
+    resumed trial keeps logging into the same run."""
+    from mlflow.exceptions import MlflowException
+
+    parent = create.get("parent")  # the RunLogger of the parent run, opened by its own thread
+    if parent is not None:
+        if parent.run_id is None:
+            raise RuntimeError("the parent run is not open yet")  # retried like an outage
+        create = {**create, "parent_run_id": parent.run_id}
+    if run_id:
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    exp = experiment_id(client, create["experiment"])
+    key = create["key"].replace("'", "")
+    found = client.search_runs([exp], filter_string=f"tags.`sweeper.run_key` = '{key}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    parent_id = create.get("parent_run_id")
+    if parent_id is None and create.get("parent_key"):  # replayed from a spool: find the parent by its key
+        parents = client.search_runs([exp], filter_string=f"tags.`sweeper.run_key` = '{create['parent_key']}'",
+                                     max_results=1)
+        parent_id = parents[0].info.run_id if parents else None
+    tags = {**create.get("tags", {}), "sweeper.run_key": key}
+    return start_run(client, create["experiment"], create["run_name"], parent_id, tags)
+
+
 def param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
     return text[:MAX_PARAM_LENGTH]
 
 
 class RunLogger:
-    """Asynchronous, ordered, outage-proof logging into one MLflow run."""
+    """Asynchronous, ordered, outage-proof logging into one MLflow run.
 
-    def __init__(self, client, run_id: str, spool_dir: Path | None = None, retry_max: float = 10.0):
-        self.client, self.run_id = client, run_id
+    With `create` (experiment, run_name, parent_run_id, tags, key) the run is opened by the background
+    thread too (`open_run`: reuse, find by key, or create), so a trial starts training at once even while
+    the tracking server is down; `run_id` is None until then."""
+
+    def __init__(self, client, run_id: str | None = None, spool_dir: Path | None = None, retry_max: float = 5.0,
+                 create: dict | None = None, on_event=None):
+        if run_id is None and create is None:
+            raise ValueError("RunLogger needs a run_id or the arguments to create the run")
+        self.client, self.run_id = client, (None if create is not None else run_id)
+        self.create_key = create["key"] if create is not None else None
         self.spool_dir = Path(spool_dir) if spool_dir is not None else STATE_DIR / "spool"
         self.retry_max = retry_max
+        self.on_event = on_event  # called from the thread: ("opened", run_id) and ("failure",)
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[tuple] = []  # taken from the queue, not yet delivered (in order)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.failures = 0  # delivery attempts that failed (the server was down)
-        self._thread = threading.Thread(target=self._run, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self.spooled = False  # something went to the spool (its staged artifacts must stay)
+        self.opened = threading.Event()  # the run exists and run_id is known
+        if self.run_id is not None:
+            self.opened.set()
+        if create is not None:
+            self._queue.put(("open", run_id, create))
+        self._start()
+
+    def _start(self) -> None:
+        name = f"mlflow-{(self.run_id or self.create_key or '')[:16]}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def _put(self, op: tuple) -> None:
+        self._queue.put(op)
 
     # -- the calls training makes: they only enqueue ------------------------------------------------
 
@@ -113,28 +229,66 @@ class RunLogger:
         stamp = int(time.time() * 1000)
         items = [(k, float(v), stamp, int(step or 0)) for k, v in metrics.items()]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self._queue.put(("metrics", items[i:i + MAX_METRICS_PER_BATCH]))
+            self._put(("metrics", items[i:i + MAX_METRICS_PER_BATCH]))
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._queue.put(("params", items[i:i + MAX_PARAMS_PER_BATCH]))
+            self._put(("params", items[i:i + MAX_PARAMS_PER_BATCH]))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._queue.put(("tags", [(k, str(v)) for k, v in tags.items()]))
+        self._put(("tags", [(k, str(v)) for k, v in tags.items()]))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._queue.put(("artifact", str(local_path), artifact_path))
+        self._put(("artifact", str(local_path), artifact_path))
+
+    def backfill(self, history: list[tuple[int, dict[str, float]]], key: str) -> None:
+        """Log the epochs of `history` ((step, metrics) pairs) whose step the run lacks for metric `key`:
+        a resumed trial's checkpoint may hold epochs that a killed process never delivered."""
+        stamp = int(time.time() * 1000)
+        self._put(("backfill", key, [(int(step), stamp, {k: float(v) for k, v in m.items()})
+                                     for step, m in history]))
+
+    def log_plot(self, path: str | Path, curves: dict[str, list[float]], title: str) -> None:
+        """Render curves to a PNG and upload it, both in the background (matplotlib is slow to import
+        and to draw; training should not wait for it)."""
+        self._put(("plot", str(path), curves, title))
 
     def terminate(self, status: str = "FINISHED") -> None:
-        self._queue.put(("terminate", status))
+        self._put(("terminate", status))
+
+    def wait_open(self, timeout: float) -> str | None:
+        """The run id, waiting up to `timeout` s for the run to be opened, unless the store is failing
+        (then at once: an outage must not hold anything up)."""
+        if self.failures == 0:
+            self.opened.wait(timeout)
+        return self.run_id
+
+    @property
+    def pending(self) -> int:
+        """Items not delivered yet."""
+        return len(self._pending) + self._queue.qsize()
+
+    def end(self, status: str | None = "FINISHED") -> None:
+        """Queue the end of the run and return at once; the thread exits when all is delivered.
+        `wait` (or `close`) later spools what could not be delivered."""
+        if status is not None:
+            self.terminate(status)
+        self._put(("close",))
 
     def close(self, status: str | None = "FINISHED", timeout: float = 30.0) -> bool:
         """Deliver everything (waiting up to `timeout` s while the server is down); spool the rest.
         Returns True when all was delivered."""
-        if status is not None:
-            self.terminate(status)
-        self._queue.put(("close",))
+        self.end(status)
+        return self.wait(timeout)
+
+    def join(self, timeout: float) -> bool:
+        """After `end`: wait up to `timeout` s for delivery without giving up; True when all is delivered."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """After `end`: wait up to `timeout` s for delivery, spool the rest; True when all was delivered."""
         self._thread.join(timeout)
         self._stop.set()
         self._thread.join(15)  # a delivery in flight may take up to the HTTP timeout
@@ -144,6 +298,7 @@ class RunLogger:
         rest = [op for op in rest if op[0] != "close"]
         if rest:
             self._spool(rest)
+            self.spooled = True
             return False
         return True
 
@@ -158,6 +313,9 @@ class RunLogger:
                 return out
 
     def _run(self) -> None:
+        # A LazyClient imports mlflow in its own thread: importing mlflow modules here at the same time
+        # can see them half-initialized, so nothing is delivered before it is done.
+        getattr(self.client, "wait_ready", lambda: None)()
         delay = 0.25
         while True:
             with self._lock:
@@ -173,11 +331,30 @@ class RunLogger:
                 with self._lock:
                     self._pending.pop(0)
                 return
+            parent = op[2].get("parent") if op[0] == "open" else None
+            if parent is not None and parent.run_id is None:  # a child run waits for its parent's
+                if self._stop.is_set() or parent._stop.is_set():
+                    return
+                parent.opened.wait(0.25)
+                continue
             try:
-                deliver(self.client, self.run_id, op)
+                opened = deliver(self.client, self.run_id, op)
+                if op[0] == "open":
+                    self.run_id = opened
+                    self.opened.set()
+                    if self.on_event is not None:
+                        self.on_event("opened", opened)
             except Exception as err:  # noqa: BLE001 - the server is down or refused: keep and retry
+                if rejected(err):  # retrying cannot help: say so and go on with the next item
+                    log.warning("MLflow refused an item for run %s: %s", (self.run_id or "(new)")[:8], err)
+                    with self._lock:
+                        self._pending.pop(0)
+                    continue
                 self.failures += 1
-                log.warning("MLflow delivery to run %s failed (%s); will retry", self.run_id[:8], err)
+                if self.on_event is not None:
+                    self.on_event("failure")
+                log.warning("MLflow delivery to run %s failed (%s); will retry", (self.run_id or "(new)")[:8],
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
                 if self._stop.wait(delay):
                     return
                 delay = min(delay * 2, self.retry_max)
@@ -188,19 +365,45 @@ class RunLogger:
 
     def _spool(self, ops: list[tuple]) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spool_dir / f"{self.run_id}-{uuid.uuid4().hex[:8]}.jsonl"
-        with open(path, "w") as fh:
+        path = self.spool_dir / f"{self.run_id or 'new'}-{uuid.uuid4().hex[:8]}.jsonl"
+        tmp = path.with_suffix(".tmp")  # a replay elsewhere never sees half a file
+        with open(tmp, "w") as fh:
             fh.write(json.dumps({"tracking_uri": self.client.tracking_uri, "run_id": self.run_id}) + "\n")
             for op in ops:
-                fh.write(json.dumps(op) + "\n")
+                fh.write(json.dumps(_portable(op)) + "\n")
+        os.replace(tmp, path)
         log.warning("MLflow store unreachable: %d pending items of run %s kept in %s; they are delivered "
-                    "by the next sweeper command that reaches it", len(ops), self.run_id[:8], path)
+                    "by the next sweeper command that reaches it", len(ops), (self.run_id or "(new)")[:8], path)
 
 
-def deliver(client, run_id: str, op: tuple) -> None:
+def _portable(op: tuple) -> tuple:
+    """An op as JSON can hold it: the parent logger of an "open" becomes its run id, or (never opened)
+    the parent's key, found again by open_run."""
+    if op[0] == "open" and op[2].get("parent") is not None:
+        parent = op[2]["parent"]
+        create = {k: v for k, v in op[2].items() if k != "parent"}
+        create["parent_run_id"] = parent.run_id
+        create["parent_key"] = parent.create_key
+        return (op[0], op[1], create)
+    return op
+
+
+_PLOTTING = threading.Lock()
+REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE"}
+
+
+def rejected(err: Exception) -> bool:
+    """The store answered and said no (e.g. a param logged again with another value): not an outage."""
+    return getattr(err, "error_code", None) in REJECTED
+
+
+def deliver(client, run_id: str | None, op: tuple) -> str | None:
+    """Perform one queued operation; an "open" returns the run id it opened."""
     from mlflow.entities import Metric, Param, RunTag
 
     kind = op[0]
+    if kind == "open":
+        return open_run(client, op[1], op[2])
     if kind == "metrics":
         client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in op[1]], synchronous=True)
     elif kind == "params":
@@ -209,6 +412,18 @@ def deliver(client, run_id: str, op: tuple) -> None:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op[1]], synchronous=True)
     elif kind == "artifact":
         client.log_artifact(run_id, op[1], op[2])
+    elif kind == "backfill":
+        have = {m.step for m in client.get_metric_history(run_id, op[1])}
+        missing = [Metric(k, v, stamp, step) for step, stamp, values in op[2] if step not in have
+                   for k, v in values.items()]
+        for i in range(0, len(missing), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=missing[i:i + MAX_METRICS_PER_BATCH], synchronous=True)
+    elif kind == "plot":
+        with _PLOTTING:  # one render (and one first import of matplotlib) at a time
+            from .report import render_curves
+
+            render_curves(op[2], op[3], op[1])
+        client.log_artifact(run_id, op[1])
     elif kind == "terminate":
         client.set_terminated(run_id, status=op[1])
     else:  # pragma: no cover
@@ -220,16 +435,215 @@ def replay_spool(client, spool_dir: Path | None = None) -> int:
     spool_dir = Path(spool_dir) if spool_dir is not None else STATE_DIR / "spool"
     done = 0
     for path in sorted(spool_dir.glob("*.jsonl")) if spool_dir.exists() else []:
-        lines = path.read_text().splitlines()
-        head = json.loads(lines[0])
+        try:
+            lines = path.read_text().splitlines()
+            head = json.loads(lines[0])
+        except (OSError, ValueError, IndexError):
+            continue  # replayed by another sweeper process meanwhile, or being written
         if head["tracking_uri"] != client.tracking_uri:
             continue
+        run_id = head["run_id"]
         try:
             for line in lines[1:]:
-                deliver(client, head["run_id"], tuple(json.loads(line)))
+                op = tuple(json.loads(line))
+                opened = deliver(client, run_id, op)
+                run_id = opened if op[0] == "open" else run_id
         except Exception as err:  # noqa: BLE001 - still down: keep the file for next time
             log.warning("spooled items in %s not delivered yet: %s", path, err)
             continue
-        path.unlink()
+        path.unlink(missing_ok=True)
         done += 1
     return done
+
+
+# --------------------------------------------------------------------------------------------------
+# The courier: a child process that owns the MLflow client and the loggers of a study.
+
+
+class Courier:
+    """Starts `python -m sweeper.tracking URI SPOOL_DIR` and talks to it over its stdin/stdout (pickled
+    messages; a writer thread, so a slow child never blocks the caller). The child dies with us: a
+    SIGKILL of the study leaves nothing delivering behind it (a retry then backfills from checkpoints
+    without racing it)."""
+
+    def __init__(self, uri: str, spool_dir: Path | None = None):
+        self.tracking_uri = uri
+        self.spool_dir = Path(spool_dir or STATE_DIR / "spool").resolve()
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.tracking", uri, str(self.spool_dir)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.loggers: dict[int, RemoteLogger] = {}
+        self.spooled = 0
+        self.error: str | None = None
+        self._outbox: queue.Queue = queue.Queue()
+        self._bye = threading.Event()
+        threading.Thread(target=self._write, name="courier-out", daemon=True).start()
+        threading.Thread(target=self._read, name="courier-in", daemon=True).start()
+
+    def send(self, message: tuple) -> None:
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        try:
+            while (message := self._outbox.get()) is not None:
+                pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                self.proc.stdin.flush()
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone; _read says so
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, *args = pickle.load(self.proc.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            if kind == "bye":
+                self.spooled = args[0]
+                self._bye.set()
+            elif kind == "error":
+                self.error = args[0]
+            else:
+                self.loggers[args[0]]._event(kind, *args[1:])
+        for logger in self.loggers.values():  # nothing more will come: waits end now
+            logger._event("finished", False, False)
+        self._bye.set()
+
+    @property
+    def alive(self) -> bool:
+        return not self._bye.is_set()
+
+    def shutdown(self, timeout: float) -> int:
+        """Let every logger deliver for up to `timeout` s, spool the rest, stop the child; returns the
+        number of runs that were spooled."""
+        self.send(("shutdown", timeout))
+        self.send(None)
+        self._bye.wait(timeout + 30)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return self.spooled
+
+
+def logger_for(client, run_id: str | None = None, create: dict | None = None) -> RunLogger:
+    """A logger for `client`: in the courier when it is one, else a thread of this process."""
+    if isinstance(client, Courier):
+        return RemoteLogger(client, run_id, create)
+    return RunLogger(client, run_id, STATE_DIR / "spool", create=create)
+
+
+class RemoteLogger(RunLogger):
+    """A RunLogger whose thread lives in the courier: the calls build the same items and send them."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self, courier: Courier, run_id: str | None = None, create: dict | None = None):
+        self.lid = next(RemoteLogger._ids)
+        self.courier = courier
+        self._finished = threading.Event()
+        self.delivered = False
+        courier.loggers[self.lid] = self
+        if create is not None and create.get("parent") is not None:
+            create = {**{k: v for k, v in create.items() if k != "parent"}, "parent_lid": create["parent"].lid}
+        super().__init__(courier, run_id, courier.spool_dir, create=None if create is None else {**create})
+        courier.send(("new", self.lid, run_id, create))
+
+    def _start(self) -> None:
+        self._queue = None  # no local thread: the courier's logger holds the items
+
+    def _put(self, op: tuple) -> None:
+        if op[0] != "open":  # the courier's logger queues its own "open"
+            self.courier.send(("op", self.lid, op))
+
+    def _event(self, kind: str, *args) -> None:
+        if kind == "opened":
+            self.run_id = args[0]
+            self.opened.set()
+        elif kind == "failure":
+            self.failures += 1
+        elif kind == "finished":
+            if not self._finished.is_set():
+                self.delivered, self.spooled = args
+                self._finished.set()
+
+    @property
+    def pending(self) -> int:
+        return 0 if self._finished.is_set() else 1  # unknown here: "something, until it says done"
+
+    def wait_open(self, timeout: float) -> str | None:
+        return super().wait_open(timeout if self.courier.alive else 0.0)
+
+    def join(self, timeout: float) -> bool:
+        return self._finished.wait(timeout) and self.delivered
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        if not self._finished.wait(timeout):
+            self.courier.send(("abort", self.lid))
+            self._finished.wait(30)
+        return self.delivered
+
+
+def courier_main(uri: str, spool_dir: str) -> None:
+    """The child: a RunLogger per message "new", ops appended to it, "abort" spools one, "shutdown"
+    waits for all and spools the rest. Its stdout carries only our messages (prints go to stderr)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the study decides
+    inbox = os.fdopen(0, "rb")
+    outbox = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    lock = threading.Lock()
+
+    def emit(*message) -> None:
+        with lock:
+            pickle.dump(message, outbox, protocol=pickle.HIGHEST_PROTOCOL)
+            outbox.flush()
+
+    client = LazyClient(uri, Path(spool_dir))
+    loggers: dict[int, RunLogger] = {}
+
+    def watch(lid: int, logger: RunLogger) -> None:  # a logger whose thread ends by itself delivered all
+        logger._thread.join()
+        if not logger._stop.is_set():
+            emit("finished", lid, True, False)
+
+    while True:
+        try:
+            message = pickle.load(inbox)
+        except (EOFError, OSError):
+            os._exit(0)  # our study process is gone (killed): stop at once, like its threads would
+        kind = message[0]
+        if kind == "new":
+            _, lid, run_id, create = message
+            if create is not None and "parent_lid" in create:
+                create = {**{k: v for k, v in create.items() if k != "parent_lid"},
+                          "parent": loggers[create["parent_lid"]]}
+            logger = RunLogger(client, run_id, Path(spool_dir), create=create,
+                               on_event=lambda event, *args, lid=lid: emit(event, lid, *args))
+            loggers[lid] = logger
+            threading.Thread(target=watch, args=(lid, logger), daemon=True).start()
+        elif kind == "op":
+            loggers[message[1]]._put(message[2])
+        elif kind == "abort":
+            logger = loggers[message[1]]
+            emit("finished", message[1], logger.wait(0.5), logger.spooled)
+        elif kind == "shutdown":
+            deadline = time.monotonic() + message[1]
+            spooled = 0
+            for logger in loggers.values():  # a logger the study never ended ends now
+                logger._put(("close",))
+            for lid, logger in loggers.items():
+                delivered = logger.wait(max(0.1, deadline - time.monotonic()))
+                spooled += not delivered
+                emit("finished", lid, delivered, logger.spooled)  # (the parent keeps the first it gets)
+            if client._error is not None:
+                emit("error", f"{type(client._error).__name__}: {client._error}")
+            emit("bye", spooled)
+            outbox.close()
+            os._exit(0)
+
+
+if __name__ == "__main__":  # the courier child of a study
+    courier_main(sys.argv[1], sys.argv[2])

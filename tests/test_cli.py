@@ -80,11 +80,13 @@ def test_batch_larger_than_data(in_tmp):
 
 
 def test_bench_json_reports_rows_and_ratio(in_tmp):
-    result = CliRunner().invoke(main, ["bench", "--json", "--steps", "4", "--warmup", "2", "--workers", "",
+    result = CliRunner().invoke(main, ["bench", "--json", "--steps", "4", "--warmup", "2", "--repeats", "1", "--workers", "2",
                                        "--loader-workers", "0", "--model", "lenet5-classic"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     names = [r["name"] for r in out["rows"]]
     assert names[0].startswith("(a)") and sum(n.startswith("(b)") for n in names) == 4
+    assert names[5:] == ["K=2 J=4 serial", "K=2 J=4 vmap"]
+    assert all(r["ratio_to_centralized"] > 0 for r in out["rows"][5:])
     assert out["speedup_vs_baseline"] > 0 and out["step_gflop"] > 0
     assert set(out["matmul_peak_gflops"]) == {"fp32", "bf16"}

@@ -10,7 +10,6 @@ measured on the same device.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -19,13 +18,14 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import load_dataset
-from .train import CentralizedRunner, autocast, make_runner, resolve_device, sync
+from .train import make_runner, resolve_device, sync
 
 
 @dataclass
 class BenchSettings:
-    steps: int = 200  # timed training steps per row
-    warmup: int = 20  # untimed steps first
+    steps: int = 100  # timed training steps per row and repeat
+    warmup: int = 10  # untimed steps first
+    repeats: int = 3  # interleaved repeats of every row; the median is reported
     batch_size: int = 64
     model: str = "lenet5"
     image_size: int = 32
@@ -148,52 +148,86 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def run_bench(s: BenchSettings, log=print, include_workers: bool = True) -> dict:
+    """Every row is timed `s.repeats` times, the rows interleaved round-robin, and the median kept: on
+    a shared machine the load drifts over minutes, and interleaving spreads it over all rows alike."""
     device = resolve_device(s.device)
     torch.manual_seed(0)
     flops = train_step_flops(s)
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
-    rows = []
 
-    def add(name: str, timing: dict, precision: str, **extra) -> None:
-        gflops = flops * timing["images_per_sec"] / s.batch_size / 1e9
-        row = {"name": name, "precision": precision, **extra, **timing, "gflops": gflops,
-               "peak_fraction": gflops / peaks[precision]}
-        rows.append(row)
-        log(f"{name:<34} {timing['images_per_sec']:>9.0f} images/s  {gflops:6.1f} GFLOP/s "
-            f"({100 * row['peak_fraction']:.0f}% of the {precision} matmul peak)")
-
-    add("(a) dataloader+PIL, fp32, NCHW", time_dataloader_baseline(s), "fp32", kind="baseline")
+    plan: list[dict] = [{"name": "(a) dataloader+PIL, fp32, NCHW", "kind": "baseline", "precision": "fp32"}]
     for precision in ("fp32", "bf16"):
         for channels_last in (False, True):
-            cfg = bench_config(s, precision=precision, channels_last=channels_last)
             fmt = "channels_last" if channels_last else "NCHW"
-            add(f"(b) core, {precision}, {fmt}", time_runner(cfg, s), precision, kind="core",
-                channels_last=channels_last)
-    core = [r for r in rows if r["kind"] == "core"]
-    best = max(core, key=lambda r: r["images_per_sec"])
-    baseline = rows[0]
-    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "settings": {k: getattr(s, k) for k in s.__dataclass_fields__}, "step_gflop": flops / 1e9,
-              "matmul_peak_gflops": peaks, "rows": rows,
-              "fastest_core": best["name"], "speedup_vs_baseline": best["images_per_sec"] / baseline["images_per_sec"]}
-    log(f"speedup of the fastest core setting over (a): {result['speedup_vs_baseline']:.2f}x")
-
+            plan.append({"name": f"(b) core, {precision}, {fmt}", "kind": "core", "precision": precision,
+                         "overrides": {"precision": precision, "channels_last": channels_last}})
     if include_workers:
-        central = {"precision": best["precision"], "channels_last": best["channels_last"]}
-        reference = best["images_per_sec"]
         for backend in s.backends:
             for k in s.workers:
-                overrides = {**central, "distributed.workers": k, "distributed.algorithm": "local",
-                             "distributed.local_steps": s.local_steps, "distributed.backend": backend}
-                cfg = bench_config(s, **overrides)
-                try:
-                    timing = time_runner(cfg, s)
-                except Exception as err:  # noqa: BLE001 - report, keep going
-                    log(f"K={k} {backend}: failed: {err}")
-                    rows.append({"name": f"K={k} J={s.local_steps} {backend}", "kind": "workers", "error": str(err)})
-                    continue
-                add(f"K={k} J={s.local_steps} {backend}", timing, best["precision"], kind="workers", workers=k,
-                    backend=backend, ratio_to_centralized=timing["images_per_sec"] / reference)
-                log(f"{'':<34} ratio to centralized: {timing['images_per_sec'] / reference:.2f}")
-    return result
+                # K-worker rows run at the fastest core setting found on this machine (bf16, channels_last on
+                # CPUs with bf16 units); the centralized row with the same setting is their reference.
+                plan.append({"name": f"K={k} J={s.local_steps} {backend}", "kind": "workers", "workers": k,
+                             "backend": backend, "precision": "bf16",
+                             "overrides": {"precision": "bf16", "channels_last": True, "distributed.workers": k,
+                                           "distributed.algorithm": "local",
+                                           "distributed.local_steps": s.local_steps, "distributed.backend": backend}})
+    timings: dict[str, list[float]] = {row["name"]: [] for row in plan}
+    errors: dict[str, str] = {}
+    for rep in range(s.repeats):
+        for row in plan:
+            if row["name"] in errors:
+                continue
+            try:
+                if row["kind"] == "baseline":
+                    timing = time_dataloader_baseline(s)
+                else:
+                    timing = time_runner(bench_config(s, **row["overrides"]), s)
+            except Exception as err:  # noqa: BLE001 - report the row, keep measuring the others
+                errors[row["name"]] = f"{type(err).__name__}: {err}"
+                log(f"{row['name']}: failed: {errors[row['name']]}")
+                continue
+            timings[row["name"]].append(timing["images_per_sec"])
+            log(f"[{rep + 1}/{s.repeats}] {row['name']:<34} {timing['images_per_sec']:>9.0f} images/s")
+
+    rows = []
+    for row in plan:
+        row = {k: v for k, v in row.items() if k != "overrides"}
+        if row["name"] in errors:
+            rows.append({**row, "error": errors[row["name"]]})
+            continue
+        ips = median(timings[row["name"]])
+        gflops = flops * ips / s.batch_size / 1e9
+        rows.append({**row, "images_per_sec": ips, "samples": timings[row["name"]], "gflops": gflops,
+                     "peak_fraction": gflops / peaks[row["precision"]]})
+    by_name = {r["name"]: r for r in rows}
+    baseline = by_name[plan[0]["name"]]
+    core = [r for r in rows if r["kind"] == "core" and "error" not in r]
+    best = max(core, key=lambda r: r["images_per_sec"])
+    reference = by_name["(b) core, bf16, channels_last"]
+    for r in rows:
+        if r["kind"] == "workers" and "error" not in r and "error" not in reference:
+            r["ratio_to_centralized"] = r["images_per_sec"] / reference["images_per_sec"]
+
+    log(f"\nmedian of {s.repeats} interleaved runs; {flops / 1e9:.2f} GFLOP per training step; matmul peak "
+        f"{peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} GFLOP/s bf16 on {device}")
+    for r in rows:
+        if "error" in r:
+            log(f"{r['name']:<34} failed: {r['error']}")
+            continue
+        extra = f"  x{r['ratio_to_centralized']:.2f} of centralized" if "ratio_to_centralized" in r else ""
+        log(f"{r['name']:<34} {r['images_per_sec']:>9.0f} images/s {r['gflops']:7.1f} GFLOP/s "
+            f"({100 * r['peak_fraction']:.0f}% of the {r['precision']} peak){extra}")
+    speedup = best["images_per_sec"] / baseline["images_per_sec"] if "error" not in baseline else None
+    if speedup is not None:
+        log(f"fastest core setting ({best['name']}) over (a): {speedup:.2f}x")
+    return {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "settings": {k: getattr(s, k) for k in s.__dataclass_fields__}, "step_gflop": flops / 1e9,
+            "matmul_peak_gflops": peaks, "rows": rows, "fastest_core": best["name"],
+            "speedup_vs_baseline": speedup}

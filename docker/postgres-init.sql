@@ -1,0 +1,2 @@
+-- One PostgreSQL server, two databases: Optuna's study storage and MLflow's backend store.
+CREATE DATABASE mlflow;

@@ -1,0 +1,215 @@
+"""`sweeper study ...`: run, resume, inspect and report studies. Heavy imports happen inside commands."""
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+STORAGE_HELP = "Optuna storage URL (any RDB URL) [default: $SWEEPER_STORAGE or sqlite:///mlruns/optuna.db]."
+TRACKING_HELP = ("MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else the one the study was created with, "
+                 "else sqlite:///mlruns/mlflow.db].")
+
+
+def storage_option(f):
+    return click.option("--storage", default=None, metavar="URL", help=STORAGE_HELP)(f)
+
+
+def run_options(f):
+    f = click.option("--quiet", "-q", is_flag=True, help="No per-epoch progress; one line per trial.")(f)
+    f = click.option("--n-trials", type=click.IntRange(min=0), default=None,
+                     help="Run at most N trials now [default: until every grid point / the budget is done]; "
+                          "0 only creates the study (for workers to join).")(f)
+    f = click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_HELP)(f)
+    return storage_option(f)
+
+
+@click.group()
+def study() -> None:
+    """Studies: grids and tuning driven by Optuna, tracked in MLflow, resumable after a kill.
+
+    \b
+    sweeper study run studies/quickstart.yaml     run it (again after a kill: completes it)
+    sweeper study status quickstart               progress, best so far, what runs
+    sweeper study report quickstart               tables + plots in reports/quickstart/
+    sweeper server                                the MLflow UI (experiment = study name)
+
+    State lives in mlruns/ (optuna.db, mlflow.db, checkpoints/, spool/); --storage takes any Optuna
+    RDB URL (PostgreSQL for many workers: start `study run` on each machine), --tracking-uri any
+    MLflow server. Heartbeat: SWEEPER_HEARTBEAT_INTERVAL / SWEEPER_HEARTBEAT_GRACE (s).
+    """
+
+
+@study.command("run")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@run_options
+def run_cmd(spec_path, storage, tracking_uri, n_trials, quiet):
+    """Run the study of SPEC (YAML), or continue it: running the same command again after a kill
+    completes what is missing and repeats nothing."""
+    from .spec import load_spec
+
+    with _errors():
+        _run(load_spec(spec_path), storage, tracking_uri, n_trials, quiet)
+
+
+@study.command()
+@click.argument("name")
+@run_options
+def resume(name, storage, tracking_uri, n_trials, quiet):
+    """Continue study NAME from its stored spec (no file needed)."""
+    from .study import load, open_storage
+
+    with _errors():
+        _, spec = load(name, open_storage(storage))
+        _run(spec, storage, tracking_uri, n_trials, quiet)
+
+
+@click.command()
+@click.argument("name")
+@run_options
+def worker(name, storage, tracking_uri, n_trials, quiet):
+    """Join study NAME as one of many workers (e.g. one per machine or GPU over a PostgreSQL --storage):
+    each takes the next grid point / TPE sample, a killed one's trial is retried by the others after
+    its heartbeat goes stale, and each exits when nothing is left to start."""
+    from .study import load, open_storage
+
+    with _errors():
+        _, spec = load(name, open_storage(storage))
+        _run(spec, storage, tracking_uri, n_trials, quiet)
+
+
+def _run(spec, storage, tracking_uri, n_trials, quiet) -> None:
+    from .study import run
+
+    what = f"{len(spec.points())} grid points" if spec.kind == "grid" else f"budget {spec.budget} trials"
+    click.echo(f"study {spec.name} ({spec.kind}, {what}; {spec.objective.direction} {spec.objective.metric})")
+    out = run(spec, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, quiet=quiet, echo=click.echo)
+    p = out.progress
+    click.echo(f"study {spec.name}: {p.done}/{p.total} done" + (f", {p.diverged} diverged" if p.diverged else "")
+               + (f"; best {spec.objective.metric} {p.best[1]:.4g} at {spec.label(p.best[0])}" if p.best else ""))
+    click.echo(f"MLflow: experiment '{spec.name}', parent run {out.parent_run_id}; "
+               f"tables and plots: sweeper study report {spec.name}")
+    if out.ran:
+        over = out.overhead
+        per_trial = (over - out.setup_time - out.close_time) / out.ran
+        click.echo(f"time: {out.wall_time:.1f} s, {out.train_time - out.callback_time:.1f} s of it training; "
+                   f"orchestration (Optuna, MLflow) {over:.1f} s = "
+                   f"{100 * over / max(out.wall_time, 1e-9):.1f}% (setup {out.setup_time:.1f} s, {per_trial:.2f} s "
+                   f"per trial, final delivery {out.close_time:.1f} s)")
+    if p.done < p.total and out.ran and not n_trials:
+        click.echo(f"some trials failed; fix the cause and run `sweeper study resume {spec.name}` to retry them")
+
+
+@study.command()
+@click.argument("name")
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(name, storage, as_json):
+    """Trials of study NAME by state, the best so far, the progress and what is running."""
+    from .study import load, open_storage, progress
+
+    with _errors():
+        st, spec = load(name, open_storage(storage))
+        p = progress(st, spec)
+    if as_json:
+        click.echo(json.dumps({"name": name, "kind": spec.kind, "done": p.done, "total": p.total, "counts": p.counts,
+                               "diverged": p.diverged, "best_value": p.best[1] if p.best else None,
+                               "best_params": p.best[0] if p.best else None, "running": p.running}, default=str))
+        return
+    click.echo(f"study {name} ({spec.kind}): {p.done}/{p.total} done ({100 * p.done / max(p.total, 1):.0f}%)")
+    click.echo("trials: " + (", ".join(f"{k} {v}" for k, v in sorted(p.counts.items())) or "none")
+               + (f" ({p.diverged} diverged)" if p.diverged else ""))
+    if p.best:
+        click.echo(f"best {spec.objective.metric}: {p.best[1]:.4g} at {spec.label(p.best[0])}"
+                   + (" (mean over seeds)" if len(spec.seeds) > 1 else ""))
+    for number, epoch in p.running:
+        click.echo(f"running: trial {number}, epoch {epoch} reported")
+
+
+@study.command("list")
+@storage_option
+def list_cmd(storage):
+    """Every study in the storage, with its progress and best value."""
+    from .spec import SpecError
+    from .study import load, open_storage, progress, study_names
+
+    with _errors():
+        store = open_storage(storage)
+        names = study_names(store)
+        if not names:
+            click.echo(f"no studies in {store.url}; start one with `sweeper study run studies/quickstart.yaml`")
+            return
+        for name in names:
+            try:
+                st, spec = load(name, store)
+            except SpecError as err:
+                click.echo(f"{name:<32} ({err})")
+                continue
+            p = progress(st, spec)
+            best = f"{p.best[1]:.4g}" if p.best and math.isfinite(p.best[1]) else "-"
+            click.echo(f"{name:<32} {spec.kind:<5} {p.done:>4}/{p.total:<4} best {spec.objective.metric} {best}"
+                       + (f"  running {len(p.running)}" if p.running else ""))
+
+
+@study.command()
+@click.argument("name")
+@storage_option
+@click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_HELP)
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Where to write the tables and plots [default: reports/NAME].")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv"]), default="md", show_default=True)
+@click.option("--no-log", is_flag=True, help="Do not log the report to the study's parent MLflow run.")
+def report(name, storage, tracking_uri, out_dir, fmt, no_log):
+    """Tables (shaped like the sources' where the study's keys fit) and plots of study NAME."""
+    from .report import log_report, write_report
+    from .study import A_PARENT, A_TRACKING, load, open_storage
+    from .tracking import TrackingError, connect, replay_spool
+
+    with _errors():
+        st, spec = load(name, open_storage(storage))
+        paths = write_report(st, spec, out_dir or f"reports/{name}", fmt)
+    for path in paths:
+        click.echo(str(path))
+    parent = st.user_attrs.get(A_PARENT)
+    if no_log or not parent:
+        return
+    try:
+        client = connect(tracking_uri or st.user_attrs.get(A_TRACKING))
+        replay_spool(client)  # what a run could not deliver, before the report lands beside it
+        log_report(client, parent, paths)
+        click.echo(f"logged to MLflow run {parent} (artifacts/report) at {client.tracking_uri}")
+    except (TrackingError, Exception) as err:  # noqa: BLE001 - the files are written; logging is a bonus
+        click.echo(f"warning: report not logged to MLflow: {str(err).splitlines()[0]}", err=True)
+
+
+@study.command()
+@click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(spec_paths):
+    """Check specs without running anything: every grid point / search corner builds a valid config."""
+    from .spec import load_spec
+
+    with _errors():
+        for path in spec_paths:
+            spec = load_spec(path)
+            n = len(spec.points()) if spec.kind == "grid" else spec.budget
+            click.echo(f"{path}: ok ({spec.name}, {spec.kind}, {n} trials)")
+
+
+class _errors:
+    """Spec, config, data and tracking problems as one `error:` line; Ctrl-C as a resume hint."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        from .cli import CLIError, user_errors  # here: `python -m sweeper.cli` imports this module from cli
+        from .study import Interrupted
+
+        if err is None:
+            return False
+        if isinstance(err, Interrupted):
+            click.echo(str(err), err=True)
+            raise SystemExit(130)
+        if isinstance(err, user_errors()):
+            raise CLIError(str(err)) from None
+        return False

@@ -1,0 +1,153 @@
+"""Shared fixtures: a real MLflow tracking server on a free loopback port, tiny synthetic study specs,
+and a working directory per test (the local state lives in ./mlruns)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One intra-op thread for the tiny models of the tests (and the subprocesses they start): on a 2-core
+# machine that also runs an MLflow server, OpenMP's second thread makes these steps 20x slower, not faster.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY_BASE = {
+    "data": {"dataset": "synthetic", "augment": False,
+             "synthetic": {"train_size": 320, "test_size": 64, "channels": 1, "image_size": 16, "classes": 4}},
+    "model": {"name": "lenet5-classic"},
+    "optim": {"name": "sgdm", "lr": 0.05},
+    "epochs": 2,
+    "batch_size": 32,
+    "device": "cpu",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`python -m mlflow server` on 127.0.0.1:PORT over a SQLite store; stop() and start() again keep
+    the port and the store (an outage and a recovery)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def launch(self) -> None:
+        """Start the process; `start` (or `wait`) waits until it answers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.launch()
+        self.wait(timeout)
+
+    def wait(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            if self.healthy():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError("mlflow server did not answer /health in time")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:  # the server forks uvicorn workers: end the whole session we started
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+        deadline = time.monotonic() + 10
+        while self.healthy() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+_SERVER: MlflowServer | None = None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Launch the server as soon as we know a test needs it: it boots (10-30 s on 2 busy cores) while
+    the tests that do not need it run."""
+    global _SERVER
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in items):
+        import tempfile
+
+        _SERVER = MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-server-")))
+        _SERVER.launch()
+
+
+def pytest_unconfigure(config):
+    if _SERVER is not None:
+        _SERVER.stop()
+        shutil.rmtree(_SERVER.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    assert _SERVER is not None
+    if not _SERVER.healthy():
+        _SERVER.wait()
+    return _SERVER
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh directory as cwd: mlruns/ (Optuna DB, MLflow store, checkpoints, spool) lands here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SWEEPER_STORAGE", raising=False)
+    monkeypatch.delenv("SWEEPER_STATE_DIR", raising=False)
+    return tmp_path
+
+
+def write_spec(path: Path, study_name: str, **fields) -> Path:
+    """A tiny synthetic grid spec (2 epochs, a few hundred 16x16 images), with `fields` replacing keys."""
+    spec = {"name": study_name, "kind": "grid", "base": TINY_BASE, "grid": {"optim.lr": [0.05, 0.1]}, "seeds": [0]}
+    spec.update(fields)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def sweeper_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sweeper.cli", *args]
+
+
+def subprocess_env(workdir: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env

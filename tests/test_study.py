@@ -1,0 +1,293 @@
+"""Optuna side of studies: grid points exactly once, failures and divergence, retries of killed trials,
+Ctrl-C, tuning with a budget, base_from, and a SIGKILL of a real `sweeper study run` process."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+
+import optuna
+import pytest
+from conftest import TINY_BASE, free_port, subprocess_env, sweeper_cmd, write_spec
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from sweeper import study as st
+from sweeper.spec import StudySpec, load_spec
+
+@pytest.fixture
+def tracked(workdir, mlflow_server, monkeypatch):
+    """Studies in this test log to the shared real server (a fresh SQLite MLflow store costs seconds)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    return workdir
+
+
+def run(path, **kw):
+    lines: list[str] = []
+    out = st.run(load_spec(str(path)), quiet=True, echo=lines.append, **kw)
+    return out, lines
+
+
+def trials(out, state=None):
+    return [t for t in out.study.get_trials(deepcopy=False) if state is None or t.state == state]
+
+
+def child_runs(client: MlflowClient, name: str, parent: str):
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def run_of(client: MlflowClient, name: str, origin: int):
+    """The one MLflow child run of a trial's retry chain (found by tag: the courier may record the id
+    in Optuna only after the trial ended)."""
+    exp = client.get_experiment_by_name(name)
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`optuna.origin_trial` = '{origin}'")
+    return run
+
+
+def steps(client, run_id, key="eval_acc"):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_grid_runs_every_point_once_and_a_rerun_nothing(tracked):
+    workdir = tracked
+    spec = write_spec(workdir / "g.yaml", "g", grid={"optim.lr": [0.05, 0.1]}, seeds=[0, 1])
+    out, lines = run(spec)
+    done = trials(out, TrialState.COMPLETE)
+    assert len(done) == 4 and out.ran == 4
+    assert sorted(t.system_attrs["grid_id"] for t in done) == [0, 1, 2, 3]
+    assert [(t.params["seed"], t.params["optim.lr"]) for t in done] == [(0, 0.05), (0, 0.1), (1, 0.05), (1, 0.1)]
+    for t in done:  # what reports and resumes read
+        assert st.status_of(t) == "completed"
+        assert st.summary_of(t)["epochs"] == 2
+        assert len(st.curves_of(t)["eval_acc"]) == 2
+        assert t.value == st.summary_of(t)["final_eval_acc"]
+        assert t.intermediate_values.keys() == {1, 2}
+    assert sum(line.startswith("trial ") and " COMPLETE " in line for line in lines) == 4
+    assert not (workdir / "mlruns" / "checkpoints" / "g").exists()  # delivered: checkpoints released
+    again, lines = run(spec)
+    assert again.ran == 0 and len(trials(again)) == 4
+    assert any("is complete" in line for line in lines)
+
+
+def test_failed_points_rerun_once_per_call_and_divergence_is_an_outcome(tracked):
+    workdir = tracked
+    base = {**TINY_BASE, "divergence_loss": 50.0}
+    # batch 4096 > the 256 training examples: that point fails (a crash); lr 1e4 diverges (an outcome).
+    spec = write_spec(workdir / "f.yaml", "f", base=base, grid={"optim.lr": [0.05, 1.0e4], "batch_size": [32, 4096]})
+    out, lines = run(spec)
+    assert out.ran == 4  # each failing point was tried once, not again and again
+    states = Counter(t.state for t in trials(out))
+    assert states == {TrialState.COMPLETE: 2, TrialState.FAIL: 2}
+    diverged = [t for t in trials(out, TrialState.COMPLETE) if st.status_of(t) == "diverged"]
+    assert len(diverged) == 1 and diverged[0].value == -math.inf and diverged[0].params["optim.lr"] == 1.0e4
+    assert out.progress.done == 2 and out.progress.diverged == 1 and out.progress.best[1] > 0
+    failed = trials(out, TrialState.FAIL)
+    assert all("batch_size" in t.user_attrs[st.T_ERROR] for t in failed)
+    # A second call reruns the failed points, each as a retry of its first trial, and stops again.
+    again, _ = run(spec)
+    assert again.ran == 2
+    retries = [t for t in trials(again, TrialState.FAIL) if t.number >= 4]
+    assert sorted(t.system_attrs[st.S_ORIGIN] for t in retries) == sorted(t.number for t in failed)
+    assert len(trials(again, TrialState.COMPLETE)) == 2  # the diverged point is never rerun
+
+
+def test_stale_trials_are_failed_and_requeued_by_heartbeat(workdir, monkeypatch):
+    monkeypatch.setenv("SWEEPER_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("SWEEPER_HEARTBEAT_GRACE", "1")
+    storage = st.open_storage()
+    study = optuna.create_study(study_name="hb", storage=storage)
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr(st.T_WORKER, {"host": "another-machine", "pid": 1, "start": None})
+    trial.set_user_attr(st.T_RUN, "abc")
+    storage.record_heartbeat(trial._trial_id)
+    assert st.recover(study) == []  # heartbeat fresh: alive as far as we can tell
+    time.sleep(2.2)
+    assert st.recover(study) == [trial.number]
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    retry = study.trials[1]
+    assert retry.system_attrs[st.S_ORIGIN] == trial.number and retry.params == {"x": trial.params["x"]}
+    assert retry.user_attrs == {st.T_RUN: "abc"}  # the MLflow run travels; the dead worker does not
+
+
+def test_trials_of_a_dead_local_process_are_retried_at_once(workdir):
+    storage = st.open_storage()
+    study = optuna.create_study(study_name="dead", storage=storage)
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    trial = study.ask()
+    trial.set_user_attr(st.T_WORKER, {"host": socket.gethostname(), "pid": proc.pid, "start": None})
+    mine = study.ask()
+    mine.set_user_attr(st.T_WORKER, st.worker_id())  # this process: alive
+    assert st.recover(study) == [trial.number]
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+
+
+def test_ctrl_c_requeues_the_trial_and_resume_continues_it(tracked, mlflow_server, monkeypatch):
+    workdir = tracked
+    import importlib
+
+    train_module = importlib.import_module("trainers.train")  # the package exports a function of that name
+    real_train = train_module.train
+    calls = []
+
+    def interrupted_train(cfg, on_epoch=None, **kw):
+        calls.append(cfg.optim.lr)
+
+        def hook(report):
+            on_epoch(report)
+            if len(calls) == 2 and report.epoch == 1:  # second trial, after its first epoch
+                raise KeyboardInterrupt
+        return real_train(cfg, on_epoch=hook, **kw)
+
+    spec = write_spec(workdir / "c.yaml", "c", grid={"optim.lr": [0.05, 0.1, 0.2]})
+    monkeypatch.setattr(train_module, "train", interrupted_train)
+    with pytest.raises(st.Interrupted, match="sweeper study resume c"):
+        run(spec)
+    study = optuna.load_study(study_name="c", storage=st.storage_url())
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    client = MlflowClient(mlflow_server.uri)
+    killed = run_of(client, "c", 1)
+    assert killed.info.status == "KILLED" and steps(client, killed.info.run_id) == [1]
+    assert (workdir / "mlruns" / "checkpoints" / "c" / "1" / "checkpoint.pt").exists()
+
+    monkeypatch.setattr(train_module, "train", real_train)
+    out, lines = run(spec)
+    assert any("retry of trial 1, from epoch 1" in line for line in lines)
+    done = trials(out, TrialState.COMPLETE)
+    assert sorted(t.system_attrs["grid_id"] for t in done) == [0, 1, 2]
+    assert done[1].system_attrs[st.S_ORIGIN] == 1 and run_of(client, "c", 1).info.run_id == killed.info.run_id
+    runs = child_runs(client, "c", out.parent_run_id)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(steps(client, r.info.run_id) == [1, 2] for r in runs)
+
+
+def test_tune_stops_at_the_budget_of_finished_trials(tracked):
+    workdir = tracked
+    spec = write_spec(workdir / "t.yaml", "t", kind="tune", grid={}, budget=3,
+                      search={"optim.lr": {"low": 0.01, "high": 0.2, "log": True},
+                              "optim.momentum": {"choices": [0.0, 0.9]}},
+                      sampler={"seed": 1, "n_startup_trials": 2},
+                      pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
+    out, _ = run(spec, n_trials=2)
+    assert out.ran == 2
+    out, _ = run(spec)
+    finished = [t for t in trials(out) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3 and out.progress.done == 3
+    assert all(0.01 <= t.params["optim.lr"] <= 0.2 for t in finished)
+    again, _ = run(spec)
+    assert again.ran == 0
+
+
+def test_base_from_takes_the_best_point_of_another_study(workdir):
+    storage = st.open_storage()
+    src = StudySpec.from_dict({"name": "src", "kind": "grid", "base": TINY_BASE,
+                               "grid": {"optim": [{"name": "sgdm", "lr": 0.05}, {"name": "adamw", "lr": 0.003}]},
+                               "seeds": [0, 1]})
+    study = st.open_study(src, storage)
+    for point, value in zip(src.points(), [50.0, 70.0, 60.0, 68.0]):  # adamw wins on the mean over seeds
+        t = study.ask()
+        st.suggest(t, src)
+        study.tell(t, value)
+    dst = StudySpec.from_dict({"name": "dst", "kind": "grid", "base": TINY_BASE, "seeds": [0, 1, 2],
+                               "base_from": {"study": "src"}})
+    st.open_study(dst, storage)
+    assert dst.base_from.params == {"optim": {"name": "adamw", "lr": 0.003}}
+    assert dst.config({"seed": 2}).optim.name == "adamw"
+    _, stored = st.load("dst", storage)
+    assert stored.base_from.params == dst.base_from.params  # resume does not re-resolve
+    missing = StudySpec.from_dict({"name": "x", "kind": "grid", "base": TINY_BASE, "seeds": [0, 1],
+                                   "base_from": {"study": "nope"}})
+    with pytest.raises(st.SpecError, match="no study named 'nope'.*known: dst, src"):
+        st.open_study(missing, storage)
+
+
+def _first_epoch_logged(db, number: int) -> bool:
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return con.execute("select count(*) from trial_intermediate_values v join trials t on "
+                               "t.trial_id = v.trial_id where t.number = ?", (number,)).fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+def test_sigkill_mid_trial_then_the_same_command_completes_the_study(workdir, mlflow_server, monkeypatch):
+    """Kill -9 a real `sweeper study run` process after the first epoch of its second trial, run the same
+    command again (in this process, to save a second start-up): one COMPLETE trial per grid point, one
+    MLflow child run per trial, steps 1..E once each."""
+    from click.testing import CliRunner
+
+    from sweeper.cli import main
+
+    base = {**TINY_BASE, "epochs": 3, "data": {**TINY_BASE["data"], "synthetic": {
+        **TINY_BASE["data"]["synthetic"], "train_size": 600}}}
+    spec = write_spec(workdir / "k.yaml", "k", base=base, grid={"optim.lr": [0.02, 0.05, 0.1]})
+    args = ["study", "run", str(spec), "--tracking-uri", mlflow_server.uri, "--quiet"]
+    heartbeat = {"SWEEPER_HEARTBEAT_INTERVAL": "1", "SWEEPER_HEARTBEAT_GRACE": "2"}
+    db = workdir / "mlruns" / "optuna.db"
+    proc = subprocess.Popen(sweeper_cmd(*args), cwd=workdir, env=subprocess_env(workdir, **heartbeat),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not _first_epoch_logged(db, 1):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "the study never reached trial 1"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    first = proc.stdout.read().decode()
+    for key, value in heartbeat.items():
+        monkeypatch.setenv(key, value)
+    rerun = CliRunner().invoke(main, args)
+    assert rerun.exit_code == 0, first + rerun.output
+    assert "retry of trial 1" in rerun.output
+
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.system_attrs["grid_id"] for t in complete) == [0, 1, 2]  # each point exactly once
+    assert study.trials[1].state == TrialState.FAIL
+    client = MlflowClient(mlflow_server.uri)
+    runs = child_runs(client, "k", study.user_attrs[st.A_PARENT])
+    assert len(runs) == 3
+    by_origin = {int(r.data.tags["optuna.origin_trial"]): r for r in runs}
+    assert sorted(by_origin) == sorted(st.origin(t) for t in complete)
+    for t in complete:
+        r = by_origin[st.origin(t)]
+        assert r.info.status == "FINISHED" and r.data.tags["optuna.state"] == "COMPLETE"
+        for key in ("eval_acc", "train_loss", "epoch_time"):
+            assert steps(client, r.info.run_id, key) == [1, 2, 3], (key, r.info.run_name)
+    assert not os.path.exists(workdir / "mlruns" / "checkpoints" / "k")
+
+
+def test_cli_errors_are_one_friendly_line(workdir, tracked, mlflow_server):
+    from click.testing import CliRunner
+
+    from sweeper.cli import main
+
+    cli = CliRunner()
+    spec = write_spec(workdir / "e.yaml", "e", grid={"optim.lr": [0.1, -1.0]})
+    result = cli.invoke(main, ["study", "run", str(spec)])
+    assert result.exit_code == 2 and "error: " in result.output and "grid.optim.lr[1] = -1" in result.output
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    good = write_spec(workdir / "ok.yaml", "ok")
+    result = cli.invoke(main, ["study", "run", str(good), "--tracking-uri", dead])
+    assert result.exit_code == 2 and "is unreachable" in result.output and "Is the server running?" in result.output
+    assert "ok" not in st.study_names(st.open_storage())  # nothing was created
+    result = cli.invoke(main, ["study", "run", str(good), "--n-trials", "0"])  # create it, run nothing
+    assert result.exit_code == 0 and "study ok is ready: 2 trial(s) to run" in result.output, result.output
+    result = cli.invoke(main, ["worker", "ok", "-q"])  # what each machine of a multi-worker setup runs
+    assert result.exit_code == 0, result.output
+    assert "study ok: 2/2 done" in result.output and "orchestration" in result.output
+    result = cli.invoke(main, ["study", "status", "nope"])
+    assert result.exit_code == 2 and "no study named 'nope'" in result.output and "known: ok" in result.output
+    result = cli.invoke(main, ["study", "status", "ok"])
+    assert "2/2 done (100%)" in result.output and "COMPLETE 2" in result.output
+    result = cli.invoke(main, ["study", "list"])
+    assert result.output.startswith("ok ") and "2/2" in result.output
+    result = cli.invoke(main, ["study", "resume", "ok", "-q"])
+    assert result.exit_code == 0 and "is complete; nothing to run" in result.output
