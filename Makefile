@@ -26,8 +26,14 @@ dataset:
 	  else echo "not root or no apt-get: sweeper will try torchvision's download instead"; fi; \
 	fi
 
+# The main job: the quickstart study (a small grid on Fashion-MNIST, ~2 minutes on a 2-core CPU),
+# then its report. Running it again after a kill finishes what is missing.
 demo: install dataset
-	$(VENV)/bin/sweeper train configs/quick.yaml
+	$(VENV)/bin/sweeper study run studies/quickstart.yaml
+	$(VENV)/bin/sweeper study report quickstart --out reports/quickstart
+	@cat reports/quickstart/report.md
+	@echo
+	@echo "MLflow UI: $(VENV)/bin/sweeper server   then open http://127.0.0.1:5000"
 
 test: dev-install dataset
 	$(PY) -m pytest -q
