@@ -48,16 +48,15 @@ def log_result(logger: RunLogger, result, run_id: str, stage: Path | None = None
     logger.log_artifact(path)
 
 
+CURVE_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc")
+
+
 def curves(history) -> dict[str, list[float]]:
     """Per-epoch curves of a history, for plots and the trial's stored summary (NaN as None)."""
     out: dict[str, list] = {"epoch": [r.epoch for r in history]}
-    for key in ("train_loss", "train_acc", "eval_loss", "eval_acc"):
-        out[key] = [_finite(getattr(r, key)) for r in history]
+    for key in CURVE_KEYS:
+        out[key] = [v if math.isfinite(v := getattr(r, key)) else None for r in history]
     return out
-
-
-def _finite(x: float):
-    return x if x == x and abs(x) != float("inf") else None
 
 
 class TrackedRun:
@@ -172,14 +171,14 @@ def run_training(config_path, overrides, tracking_uri=None, experiment="sweeper-
 # --------------------------------------------------------------------------------------------------
 # A study trial's figures
 
-CURVE_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc")
 ADDITIVE = ("compute_time", "compute_time_parallel", "comm_rounds", "comm_bytes", "comm_time_measured",
             "comm_time_modeled", "wall_time_modeled", "epoch_time", "eval_time")
 
 
 def trial_summary(history, status: str) -> dict[str, Any]:
     """Final figures of a trial for its user attrs (and reports): last epoch, best epoch, and per-run
-    totals summed over *all* epochs, including those before a resume (the engine's own totals restart)."""
+    totals summed over *all* epochs, including those before a resume. Summed here rather than taken from
+    TrainResult.totals because centralized runs have no engine totals and epoch/eval times are in none."""
     out: dict[str, Any] = {"status": status, "epochs": len(history)}
     if not history:
         return out
