@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -56,6 +57,8 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
                                            quiet=as_json)
     except user_errors() as err:
         raise CLIError(str(err)) from None
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0 trains silently; rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri}))
         return
@@ -80,16 +83,48 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
 @click.option("--loader-workers", default=2, show_default=True, help="DataLoader processes of baseline (a).")
 @click.option("--workers", "worker_counts", default="2,4,8", show_default=True,
               help="K of the K-worker rows (comma-separated; empty for none).")
+@click.option("--study", "study_bench", is_flag=True,
+              help="Instead: the overhead of `sweeper study run` (Optuna, MLflow, checkpoints) over bare train() "
+                   "calls of the same grid, end to end, interleaved repeats (see sweeper/bench_study.py).")
+@click.option("--trials", default=8, show_default=True, help="--study: grid points (one lr each).")
+@click.option("--epochs", default=5, show_default=True, help="--study: epochs per trial.")
+@click.option("--trial-seconds", default=10.0, show_default=True,
+              help="--study: training seconds per trial the data size is calibrated to.")
+@click.option("--train-size", default=None, type=click.IntRange(min=1),
+              help="--study: training images per epoch (skips the calibration).")
+@click.option("--dataset", default="synthetic", show_default=True, type=click.Choice(["synthetic", "fashion-mnist"]),
+              help="--study: data of the trials.")
+@click.option("--threads", default=1, show_default=True, help="--study: torch threads of both arms.")
+@click.option("--fresh-stores", is_flag=True, help="--study: new Optuna/MLflow stores every repeat (a first study).")
+@click.option("--keep", "keep_dir", default=None, type=click.Path(file_okay=False),
+              help="--study: keep the stores, specs and logs in this directory.")
+@click.option("--with-report", is_flag=True, help="--study: time the report the study builds when it completes too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout.")
-def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, worker_counts, as_json):
+def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, worker_counts, study_bench, trials,
+          epochs, trial_seconds, train_size, dataset, threads, fresh_stores, keep_dir, with_report, as_json):
     """Training throughput side by side: the first source's DataLoader loop vs the trainer core,
-    K-worker backends, GFLOP/s against the device's matmul peak."""
+    K-worker backends, GFLOP/s against the device's matmul peak. With --study: what a study's
+    orchestration costs over bare training of the same trials."""
+    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    if study_bench:
+        from .bench_study import StudyBenchSettings, run_study_bench
+
+        s = StudyBenchSettings(trials=trials, epochs=epochs, trial_seconds=trial_seconds, train_size=train_size,
+                               repeats=repeats, model=model, dataset=dataset, batch_size=batch_size,
+                               device="cpu" if device == "auto" else device, threads=threads,
+                               fresh_stores=fresh_stores, workdir=keep_dir, report=with_report)
+        try:
+            result = run_study_bench(s, log=log)
+        except user_errors() as err:
+            raise CLIError(str(err)) from None
+        if as_json:
+            click.echo(json.dumps(result))
+        return
     from trainers.bench import BenchSettings, run_bench
 
     counts = tuple(int(k) for k in worker_counts.split(",") if k.strip())
     s = BenchSettings(steps=steps, warmup=warmup, repeats=repeats, batch_size=batch_size, model=model, device=device,
                       loader_workers=loader_workers, workers=counts)
-    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     try:
         result = run_bench(s, log=log, include_workers=bool(counts))
     except user_errors() as err:

@@ -201,25 +201,6 @@ def _figure(width: float = 6.0, height: float = 3.6, cols: int = 1):
     return fig, fig.subplots(1, cols)
 
 
-def render_curves(curves: dict[str, list], title: str, path: str | Path) -> Path:
-    """Loss and accuracy per epoch of one trial (train and eval). Fixed margins rather than
-    tight_layout: one of these is drawn per trial, and that halves the drawing time."""
-    fig, (loss, acc) = _figure(9.0, 3.4, cols=2)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.87, wspace=0.25)
-    epochs = curves.get("epoch", [])
-    for ax, kind in ((loss, "loss"), (acc, "acc")):
-        for split in ("train", "eval"):
-            ys = curves.get(f"{split}_{kind}") or []
-            ax.plot(epochs[:len(ys)], [math.nan if y is None else y for y in ys], label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy [%]" if kind == "acc" else "loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=80)
-    return Path(path)
-
-
 def plots(study, spec: StudySpec, frame: pd.DataFrame, out: Path) -> list[Path]:
     """Accuracy curves (mean over seeds per point), and the shaped plots whose keys the study varies:
     K x J heatmap, accuracy vs batch size per optimizer, communication vs alpha."""

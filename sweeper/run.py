@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,10 @@ def progress_bar(epochs: int, enabled: bool = True):
     if not enabled:
         yield (None, lambda line: None, lambda msg: None)
         return
+    # Redrawn 4 times a second on a terminal (rich's default is 10: each redraw renders the bar in this,
+    # the training, process); not at all into a file or pipe, where only the final state is printed.
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
+                  console=console, transient=False, auto_refresh=console.is_terminal, refresh_per_second=4) as bar:
         task = bar.add_task(f"epoch 1/{epochs}", total=None)
         state = {"epoch": 0}
 
@@ -138,6 +141,8 @@ def run_training(config_path, overrides, tracking_uri=None, experiment="sweeper-
     from trainers.train import train
 
     cfg = TrainConfig.from_yaml(config_path, overrides)  # fails before anything is created
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: it trains, rank 0 reports
+        track, quiet = False, True
     logger, run_id, uri = None, None, None
     if track:
         client = connect(tracking_uri)
@@ -218,13 +223,6 @@ def objective_value(spec, result) -> float:
 
 def restored_history(ckpt_dir: Path) -> list:
     """The epochs a checkpoint holds (they are not reported again by train(), so we log them)."""
-    from trainers.results import EpochReport
-    from trainers.train import CHECKPOINT
+    from trainers.train import checkpoint_history
 
-    path = ckpt_dir / CHECKPOINT
-    if not path.exists():
-        return []
-    import torch
-
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    return [EpochReport(**r) for r in payload["history"]]
+    return checkpoint_history(ckpt_dir)

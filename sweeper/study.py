@@ -40,6 +40,8 @@ from .spec import SEED_KEY, Choices, SpecError, StudySpec, changed_keys, encode,
 # Study user attrs
 A_SPEC, A_PARENT, A_TRACKING = "sweeper.spec", "sweeper.mlflow_parent_run_id", "sweeper.tracking_uri"
 A_UID = "sweeper.uid"
+# Study system attr: "done/total" of the completion whose report was built (see `claim_completion`)
+A_COMPLETED = "sweeper.completed"
 # Trial user attrs
 T_RUN, T_WORKER, T_ERROR = "sweeper.mlflow_run_id", "sweeper.worker", "sweeper.error"
 T_SKIPPED = "sweeper.skipped"  # a trial that found its grid point taken by another worker (not a failure)
@@ -63,6 +65,16 @@ def storage_url(url: str | None = None) -> str:
     return url
 
 
+def public_url(url: str) -> str:
+    """A database URL as it may be printed or logged: the password masked."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: nothing to mask
+        return url
+
+
 def open_storage(url: str | None = None, heartbeat=None):
     import optuna
 
@@ -81,23 +93,35 @@ def open_storage(url: str | None = None, heartbeat=None):
                 _fast_sqlite(storage.engine)
             return storage
         except Exception as err:  # noqa: BLE001 - a bad URL or an unreachable database
-            raise SpecError(f"Optuna storage {storage_url(url)}: {type(err).__name__}: "
+            raise SpecError(f"Optuna storage {public_url(storage_url(url))}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def _fast_sqlite(engine) -> None:
     """WAL journal with synchronous=NORMAL: a commit no longer waits for the disk (tens of ms each on a
-    busy disk, several per epoch), readers (`study status`) do not block the study, and a killed process
-    still loses nothing (only a power cut can lose the last commits)."""
+    busy disk, several per epoch), and a killed process still loses nothing (only a power cut can lose the
+    last commits).
+
+    Every transaction starts with BEGIN IMMEDIATE (it takes SQLite's write lock, waiting up to the
+    connection timeout for another process to commit). Python's sqlite3 otherwise begins a transaction
+    only at its first write, after the reads it depends on: Optuna's read-check-write steps (taking a
+    WAITING trial, failing a stale one) then are not atomic across processes, and two `study run --workers`
+    processes took the same retry (measured: 11 of 60 queued trials taken twice by 4 processes). With it,
+    SQLite serializes them as PostgreSQL's row locks do; a reader waits for the writer's commit (ms)."""
     from sqlalchemy import event
 
     def pragmas(dbapi_connection, record) -> None:
+        dbapi_connection.isolation_level = None  # the driver emits no BEGIN of its own; `begin` below does
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
+    def begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
     event.listen(engine, "connect", pragmas)
+    event.listen(engine, "begin", begin)
     engine.dispose()  # connections opened before the listener get replaced
 
 
@@ -162,6 +186,11 @@ def _dead(worker: dict) -> bool:
     except PermissionError:
         return False
     return worker.get("start") is not None and _start_time(worker["pid"]) != worker["start"]
+
+
+def _alive(worker: dict) -> bool:
+    """A process of this machine that is still running (other machines: unknown, so False)."""
+    return worker.get("host") == socket.gethostname() and "pid" in worker and not _dead(worker)
 
 
 def recover(study, max_retry: int = 3) -> list[int]:
@@ -313,10 +342,10 @@ def load(name: str, storage) -> tuple[Any, StudySpec]:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         known = study_names(storage)
-        raise SpecError(f"no study named {name!r} in {storage.url}; known: {', '.join(known) or 'none'}") from None
+        raise SpecError(f"no study named {name!r} in {public_url(storage.url)}; known: {', '.join(known) or 'none'}") from None
     raw = study.user_attrs.get(A_SPEC)
     if raw is None:
-        raise SpecError(f"study {name!r} in {storage.url} was not created by sweeper (no stored spec)")
+        raise SpecError(f"study {name!r} in {public_url(storage.url)} was not created by sweeper (no stored spec)")
     spec = StudySpec.from_dict(raw, source=f"study {name} (stored spec)")
     return study, spec
 
@@ -355,6 +384,50 @@ def inherit(spec: StudySpec, storage) -> None:
         raise SpecError(f"{spec.source}: base_from.study: study {src.study_name!r} has no completed trial yet")
     spec.base_from.params = overlay(best[0], spec.base_from.keys)
     spec.validate()
+
+
+def _rdb(study):
+    """The RDBStorage behind a study (Optuna wraps it in a cache), or None for another kind of storage."""
+    import optuna
+
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def claim_completion(study, mark: str) -> bool:
+    """Compare-and-set of the study's completion mark (A_COMPLETED) to `mark` ("done/total"): True for
+    exactly one of the workers that see the study complete at the same moment, False for the others and
+    for any later one. One `UPDATE ... WHERE value <> mark` decides: SQLite runs it under its write lock,
+    PostgreSQL re-checks the WHERE after a concurrent update of the row; the row is inserted beforehand
+    when missing (a duplicate insert fails on the attribute's unique key and is ignored). A budget raised
+    later makes a new mark, so that completion gets its report too."""
+    from optuna.storages._rdb.models import StudySystemAttributeModel as Attr
+    from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
+
+    storage = _rdb(study)
+    if storage is None:  # an in-memory study: one process, nothing to race
+        if study._storage.get_study_system_attrs(study._study_id).get(A_COMPLETED) == mark:
+            return False
+        study._storage.set_study_system_attr(study._study_id, A_COMPLETED, mark)
+        return True
+    value = json.dumps(mark)
+    session = storage.scoped_session()
+    try:
+        try:
+            session.add(Attr(study_id=study._study_id, key=A_COMPLETED, value_json=json.dumps(None)))
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+        done = session.execute(update(Attr).where(Attr.study_id == study._study_id, Attr.key == A_COMPLETED,
+                                                  Attr.value_json != value).values(value_json=value))
+        session.commit()
+        return done.rowcount == 1
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 def best_point(study, spec: StudySpec, trials=None) -> tuple[dict[str, Any], float] | None:
@@ -429,12 +502,16 @@ class Runner:
     stopping when the grid or budget is done)."""
 
     def __init__(self, study, spec: StudySpec, client, skip: set[int], quiet: bool = False,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, report: bool = True):
         self.study, self.spec, self.client, self.skip = study, spec, client, skip
-        self.quiet, self.echo = quiet, echo
+        self.quiet, self.echo, self.report = quiet, echo, report
+        self.parent_status: str | None = None  # what close() set the parent run to (None: left as it was)
+        self.report_path: Path | None = None  # the report this worker built when it completed the study
         self.runs: list = []  # TrackedRun of every trial of this call, delivered at the end
         self.ran, self.train_time, self.fails_in_row, self.callback_time = 0, 0.0, 0, 0.0
         self.current: tuple[int, int] | None = None  # (trial id, number) while a trial runs
+        self.in_trial = False  # inside the objective (Ctrl-C interrupts at once)
+        self.stop_requested = False  # Ctrl-C between two trials (acted on at the next safe point)
         # Finished trials whose checkpoint is kept until their MLflow run has everything: the checkpoint's
         # history is the durable copy of the metrics if this process is killed before delivery.
         self.finished: list[tuple[Any, Path]] = []
@@ -465,15 +542,20 @@ class Runner:
         params.update({f"base.{k}": v for k, v in TrainConfig.from_dict(spec.base).flat().items()})
         logger.log_params(params)
         logger.set_tags({"sweeper.budget": spec.budget or len(spec.points()),
-                         "optuna.storage": getattr(study._storage, "_backend", study._storage).url,
+                         "optuna.storage": public_url(getattr(study._storage, "_backend", study._storage).url),
                          "mlflow.note.content": spec.description or f"sweeper study {spec.name} ({spec.kind})"})
-        path = state_dir() / "runs" / f"{spec.name}-study" / "spec.yaml"
+        path = self._parent_stage() / "spec.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         import yaml
 
         path.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         logger.log_artifact(path)
         return logger
+
+    def _parent_stage(self) -> Path:
+        """This process's staging directory for the parent run's files (workers sharing mlruns/ each
+        have their own: one removing its directory never takes a file another has yet to upload)."""
+        return state_dir() / "runs" / f"{self.spec.name}-study-{os.getpid()}"
 
     @property
     def parent_run_id(self) -> str | None:
@@ -490,6 +572,18 @@ class Runner:
         return progress(self.study, self.spec, self.skip).remaining
 
     def __call__(self, trial) -> float:
+        """The objective: Ctrl-C interrupts it at once (see `_interrupts`); one that came between two
+        trials stops here, before anything ran, and the trial is queued again like any interrupted one."""
+        self.current = (trial._trial_id, trial.number)
+        self.in_trial = True
+        try:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            return self._objective(trial)
+        finally:
+            self.in_trial = False
+
+    def _objective(self, trial) -> float:
         import optuna
         from trainers.results import TrainResult
         from trainers.train import train
@@ -497,7 +591,6 @@ class Runner:
         from .run import TrackedRun, progress_bar
 
         spec, storage = self.spec, self.study._storage
-        self.current = (trial._trial_id, trial.number)
         trial.set_user_attr(T_WORKER, worker_id())
         frozen = storage.get_trial(trial._trial_id)
         if spec.kind == "grid" and not frozen.user_attrs.get(T_SKIPPED) and self._taken(frozen):
@@ -579,8 +672,8 @@ class Runner:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             ckpt = self.checkpoints / str(origin(t))
             history = restored_history(ckpt)
-            if not history:
-                continue
+            if not history or _alive(t.user_attrs.get(T_WORKER) or {}):
+                continue  # (a live worker on this machine is delivering that run itself)
             point = point_of(t, spec)
             run = TrackedRun(self.client, spec.name, key=f"{self.key}/{origin(t)}",
                              run_name=f"{origin(t):03d} {spec.label(point)}", parent=self.parent,
@@ -607,13 +700,25 @@ class Runner:
                 keep.append((run, ckpt))
         self.finished = keep
 
-    def _taken(self, frozen) -> bool:
+    def _taken(self, frozen, settle: float = 30.0) -> bool:
         """Whether another worker took this trial's grid point in the same instant (two workers can pick
-        it between one's look and its write; the lower trial number keeps it, a finished one always)."""
+        it between one's look and its write; the lower trial number keeps it, a finished one always).
+
+        A lower-numbered trial that is RUNNING without a grid point yet is still picking one (its look may
+        predate our write, so it may pick ours): wait until it has one, up to `settle` s (a worker killed
+        in that instant never writes it), so that the higher number always sees the lower one's point."""
         from optuna.trial import TrialState
 
         g, mine = frozen.system_attrs.get("grid_id"), origin(frozen)
-        for t in self.study._storage.get_all_trials(self.study._study_id, deepcopy=False):
+        deadline = time.monotonic() + settle
+        while True:
+            trials = self.study._storage.get_all_trials(self.study._study_id, deepcopy=False)
+            picking = [t for t in trials if t.number < frozen.number and t.state == TrialState.RUNNING
+                       and "grid_id" not in t.system_attrs]
+            if not picking or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        for t in trials:
             if t.number == frozen.number or t.system_attrs.get("grid_id") != g or origin(t) == mine:
                 continue
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -696,6 +801,8 @@ class Runner:
         elif self.spec.kind == "tune" and self.fails_in_row >= MAX_CONSECUTIVE_FAILURES:
             self.echo(f"{self.fails_in_row} trials failed in a row; stopping (fix the cause, then resume)")
             study.stop()
+        if self.stop_requested:  # Ctrl-C came while Optuna recorded this trial: it is recorded now
+            raise KeyboardInterrupt
 
     def interrupted(self) -> None:
         """Ctrl-C: the running trial (FAILed by Optuna) is requeued so a resume continues it."""
@@ -715,11 +822,32 @@ class Runner:
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
 
-    def close(self, status: str, timeout: float | None = None, progress: Progress | None = None) -> None:
-        """End the parent run and wait (bounded) for every run's items; what is left is spooled."""
-        complete = progress is not None and progress.done >= progress.total
-        if progress is not None:
-            self.parent.set_tags({"sweeper.progress": f"{progress.done}/{progress.total}"})
+    def close(self, interrupted: bool = False, timeout: float | None = None) -> Progress:
+        """End this worker's share of the study, then wait (bounded) for every run's items; what is left
+        is spooled. Returns the study's progress as it was then.
+
+        The parent run is shared by every worker, so it ends FINISHED only when the study is complete:
+        every grid point (the budget) finished and no trial running anywhere. The one worker that sees
+        that first (`claim_completion`) builds the report and logs it to the parent run. Otherwise a
+        worker leaves the parent RUNNING while other trials run (their workers end it), and else ends it
+        KILLED after Ctrl-C, FAILED when trials failed, or leaves it RUNNING when it only stopped at
+        --n-trials (the study goes on with the next `study run`/`worker`)."""
+        prog = progress(self.study, self.spec)
+        complete = prog.done >= prog.total and not prog.running
+        self.parent.set_tags({"sweeper.progress": f"{prog.done}/{prog.total}"})
+        if complete:
+            status = "FINISHED"
+            if self.report and claim_completion(self.study, f"{prog.done}/{prog.total}"):
+                self.report_path = self._final_report()
+        elif prog.running:
+            status = None
+        elif interrupted:
+            status = "KILLED"
+        elif self.skip or self.fails_in_row:
+            status = "FAILED"
+        else:
+            status = None
+        self.parent_status = status
         self.parent.end(status)
         if timeout is None:
             timeout = float(os.environ.get("SWEEPER_FLUSH_TIMEOUT", 60))
@@ -740,10 +868,28 @@ class Runner:
             if r.logger.join(0) and not r.logger.spooled:
                 shutil.rmtree(r.stage, ignore_errors=True)
         if self.parent.join(0):
-            shutil.rmtree(state_dir() / "runs" / f"{self.spec.name}-study", ignore_errors=True)
+            shutil.rmtree(self._parent_stage(), ignore_errors=True)
         self._record_parent()
         if complete and self.checkpoints.exists() and not any(self.checkpoints.iterdir()):
             self.checkpoints.rmdir()
+        return prog
+
+    def _final_report(self) -> Path | None:
+        """`sweeper study report NAME` at the study's end: written under mlruns/reports/NAME and logged
+        to the parent run (artifacts/report) before the parent run ends. A failure is a warning: the
+        trials are all in Optuna and MLflow, and `study report` can build it again."""
+        from .report import write_report
+
+        out = state_dir() / "reports" / self.spec.name
+        try:
+            paths = write_report(self.study, self.spec, out, "md")
+        except Exception as err:  # noqa: BLE001 - the study itself is complete and recorded
+            self.echo(f"warning: the study report could not be built ({type(err).__name__}: {err}); "
+                      f"build it with `sweeper study report {self.spec.name}`")
+            return None
+        for path in paths:
+            self.parent.log_artifact(Path(path).resolve(), "report")
+        return out / "report.md"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -767,6 +913,8 @@ class Outcome:
     close_time: float = 0.0  # of wall_time: after the last trial (waiting for MLflow deliveries)
     import_time: float = 0.0  # importing the trainer (torch): not in wall_time, any training pays it
     callback_time: float = 0.0  # of train_time: our per-epoch callback (Optuna report, MLflow enqueue)
+    parent_status: str | None = None  # how this call ended the parent run (None: left RUNNING, see Runner.close)
+    report: Path | None = None  # report.md, when this call completed the study and built the report
 
     @property
     def overhead(self) -> float:
@@ -775,56 +923,119 @@ class Outcome:
 
 
 def run(spec: StudySpec, storage: str | None = None, tracking_uri: str | None = None, n_trials: int | None = None,
-        quiet: bool = False, echo: Callable[[str], None] = print, flush_timeout: float | None = None) -> Outcome:
-    """Run (or continue) a study until every grid point / the budget is finished, or `n_trials` trials."""
+        quiet: bool = False, echo: Callable[[str], None] = print, flush_timeout: float | None = None,
+        report: bool = True, announce: bool = True) -> Outcome:
+    """Run (or continue) a study until every grid point / the budget is finished, or `n_trials` trials
+    (0: only create the study, recover what a killed worker left, and open the parent run; `announce`
+    says then how to join it). Other processes may run the same study at the same time (`sweeper
+    worker`). Ctrl-C or SIGTERM raises Interrupted: the running trial is queued again and its run KILLED."""
     import optuna
 
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says it
-    store = open_storage(storage, spec.heartbeat)
-    stored_uri = None
-    if spec.name in study_names(store):  # the tracking URI the study was created with
-        stored_uri = optuna.load_study(study_name=spec.name, storage=store).user_attrs.get(A_TRACKING)
-    t_import = time.perf_counter()
-    import trainers.train  # noqa: F401 - the trainer's import (torch) is not orchestration: timed apart
-    import_time = time.perf_counter() - t_import
-    uri = tracking.tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or stored_uri)
-    tracking.check_server(uri)  # a dead server is an error now, before anything is created
-    client = tracking.Courier(uri, state_dir() / "spool")  # all MLflow work happens in this child process
-    skip: set[int] = set()
-    study = open_study(spec, store, skip)
-    if study.user_attrs.get(A_TRACKING) != client.tracking_uri:
-        study.set_user_attr(A_TRACKING, client.tracking_uri)
-    runner = Runner(study, spec, client, skip, quiet=quiet, echo=echo)
-    if runner.reconcile():
-        echo("delivering to MLflow what a previous run of this study left undelivered")
-    requeued = recover(study, spec.heartbeat.max_retry)
-    if requeued:
-        echo(f"retrying trial(s) {', '.join(map(str, requeued))} of a previous run that stopped midway")
-    ran = 0
-    setup_time = time.perf_counter() - started - import_time
-    try:
-        if n_trials == 0:
-            echo(f"study {spec.name} is ready: {runner.remaining()} trial(s) to run (join it with "
-                 f"`sweeper worker {spec.name}` on each machine, or `sweeper study resume {spec.name}`)")
-        elif runner.remaining() > 0:
-            with _sigterm_as_interrupt():
-                study.optimize(runner, n_trials=n_trials, catch=(Exception,), callbacks=[runner.after_trial],
-                               gc_after_trial=False)
-            ran = runner.ran
-        else:
-            echo(f"study {spec.name} is complete; nothing to run (see `sweeper study status {spec.name}`)")
-    except KeyboardInterrupt:
-        runner.interrupted()
-        runner.close(status="KILLED", timeout=flush_timeout)
-        raise Interrupted(f"interrupted; {runner.ran} trial(s) finished in this run. Resume with: "
-                          f"sweeper study resume {spec.name}") from None
-    prog = progress(study, spec)
+    study = runner = client = None
+    with _sigterm_as_interrupt():
+        try:
+            store = open_storage(storage, spec.heartbeat)
+            stored_uri = None
+            if spec.name in study_names(store):  # the tracking URI the study was created with
+                stored_uri = optuna.load_study(study_name=spec.name, storage=store).user_attrs.get(A_TRACKING)
+            t_import = time.perf_counter()
+            import trainers.train  # noqa: F401 - the trainer's import (torch) is not orchestration: timed apart
+            import_time = time.perf_counter() - t_import
+            uri = tracking.tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or stored_uri)
+            tracking.check_server(uri)  # a dead server is an error now, before anything is created
+            client = tracking.Courier(uri, state_dir() / "spool")  # all MLflow work happens in this child process
+            skip: set[int] = set()
+            study = open_study(spec, store, skip)
+            if study.user_attrs.get(A_TRACKING) != client.tracking_uri:
+                study.set_user_attr(A_TRACKING, client.tracking_uri)
+            runner = Runner(study, spec, client, skip, quiet=quiet, echo=echo, report=report)
+            if runner.reconcile():
+                echo("delivering to MLflow what a previous run of this study left undelivered")
+            requeued = recover(study, spec.heartbeat.max_retry)
+            if requeued:
+                echo(f"retrying trial(s) {', '.join(map(str, requeued))} of a previous run that stopped midway")
+            ran = 0
+            setup_time = time.perf_counter() - started - import_time
+            if runner.remaining() == 0:
+                echo(f"study {spec.name} is complete; nothing to run (see `sweeper study status {spec.name}`)")
+            elif n_trials == 0:
+                if announce:
+                    echo(f"study {spec.name} is ready: {runner.remaining()} trial(s) to run (join it with "
+                         f"`sweeper worker {spec.name}` on each machine, or `sweeper study resume {spec.name}`)")
+            else:
+                with _interrupts(runner):
+                    study.optimize(runner, n_trials=n_trials, catch=(Exception,), callbacks=[runner.after_trial],
+                                   gc_after_trial=False)
+                ran = runner.ran
+        except KeyboardInterrupt:
+            if runner is not None:
+                runner.interrupted()
+                runner.close(interrupted=True, timeout=flush_timeout)
+            elif client is not None:
+                client.shutdown(5.0)
+            if study is None:
+                raise Interrupted(f"interrupted before study {spec.name} was opened; nothing ran") from None
+            raise Interrupted(f"interrupted; {runner.ran if runner else 0} trial(s) finished in this run. Resume "
+                              f"with: sweeper study resume {spec.name}") from None
     t_close = time.perf_counter()
-    runner.close(status="FINISHED", timeout=flush_timeout, progress=prog)
+    try:
+        with _deferred_interrupt(echo):  # every trial is done: the end of the study is worth its seconds
+            prog = runner.close(timeout=flush_timeout)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped while handing the last items to MLflow; the next `sweeper study resume "
+                          f"{spec.name}` delivers what is missing (from the trials' checkpoints)") from None
     end = time.perf_counter()
     return Outcome(study, spec, ran, prog, runner.parent_run_id, end - started - import_time, runner.train_time,
-                   setup_time, end - t_close, import_time, runner.callback_time)
+                   setup_time, end - t_close, import_time, runner.callback_time, runner.parent_status,
+                   runner.report_path)
+
+
+@contextmanager
+def _signals(handler, signals=(signal.SIGINT, signal.SIGTERM)):
+    """`handler` for `signals` while the block runs, the previous handlers after it (a no-op off the
+    main thread, where Python cannot install handlers)."""
+    try:
+        previous = {s: signal.signal(s, handler) for s in signals}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def _interrupts(runner: Runner):
+    """Ctrl-C or SIGTERM while the study runs: inside a trial (the objective), KeyboardInterrupt at once;
+    between two trials, while Optuna creates or records a trial (a KeyboardInterrupt there would leave
+    it RUNNING with nobody behind it), only a request that the next trial's start or the last trial's
+    callback turns into one. A second signal between trials interrupts at once."""
+    def handler(signum, frame):
+        if runner.in_trial or runner.stop_requested:
+            raise KeyboardInterrupt
+        runner.stop_requested = True
+    with _signals(handler):
+        yield
+
+
+@contextmanager
+def _deferred_interrupt(echo: Callable[[str], None]):
+    """While the last items go to MLflow (and the report is built), the first Ctrl-C or SIGTERM only
+    says that it waits; a second one stops at once (what is not delivered then is delivered from the
+    checkpoints by the next run of the study)."""
+    seen = []
+
+    def handler(signum, frame):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(signum)
+        echo("finishing the delivery to MLflow (Ctrl-C again to stop at once)")
+    with _signals(handler):
+        yield
 
 
 @contextmanager
@@ -832,12 +1043,5 @@ def _sigterm_as_interrupt():
     """`kill PID` stops a study as cleanly as Ctrl-C does (trial requeued, MLflow runs KILLED)."""
     def handler(signum, frame):
         raise KeyboardInterrupt
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+    with _signals(handler, (signal.SIGTERM,)):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -15,11 +15,19 @@ def storage_option(f):
     return click.option("--storage", default=None, metavar="URL", help=STORAGE_HELP)(f)
 
 
+WORKERS_HELP = ("Run N worker processes on this machine that share the study [default: 1]. The SQLite storage "
+                "(the default) serves the processes of one machine, with mlruns/ on a local disk (its locks "
+                "do not hold over NFS); workers on several machines need a PostgreSQL --storage.")
+
+
 def run_options(f):
     f = click.option("--quiet", "-q", is_flag=True, help="No per-epoch progress; one line per trial.")(f)
+    f = click.option("--no-report", is_flag=True,
+                     help="Do not build the report when this run completes the study (see `study report`).")(f)
+    f = click.option("--workers", type=click.IntRange(min=1), default=1, metavar="N", help=WORKERS_HELP)(f)
     f = click.option("--n-trials", type=click.IntRange(min=0), default=None,
-                     help="Run at most N trials now [default: until every grid point / the budget is done]; "
-                          "0 only creates the study (for workers to join).")(f)
+                     help="Run at most N trials now (per worker) [default: until every grid point / the budget "
+                          "is done]; 0 only creates the study (for workers to join).")(f)
     f = click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_HELP)(f)
     return storage_option(f)
 
@@ -30,65 +38,69 @@ def study() -> None:
 
     \b
     sweeper study run studies/quickstart.yaml     run it (again after a kill: completes it)
+    sweeper study run SPEC --workers 4            4 processes on this machine share it
     sweeper study status quickstart               progress, best so far, what runs
     sweeper study report quickstart               tables + plots in reports/quickstart/
     sweeper server                                the MLflow UI (experiment = study name)
 
-    State lives in mlruns/ (optuna.db, mlflow.db, checkpoints/, spool/); --storage takes any Optuna
-    RDB URL (PostgreSQL for many workers: start `study run` on each machine), --tracking-uri any
-    MLflow server. Heartbeat: SWEEPER_HEARTBEAT_INTERVAL / SWEEPER_HEARTBEAT_GRACE (s).
+    State lives in mlruns/ (optuna.db, mlflow.db, checkpoints/, spool/, reports/: the report the
+    study's last worker builds); --storage takes any Optuna RDB URL (PostgreSQL for workers on many
+    machines: `sweeper worker NAME --storage URL` on each), --tracking-uri any MLflow server.
+    Heartbeat: SWEEPER_HEARTBEAT_INTERVAL / SWEEPER_HEARTBEAT_GRACE (s).
     """
 
 
 @study.command("run")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @run_options
-def run_cmd(spec_path, storage, tracking_uri, n_trials, quiet):
+def run_cmd(spec_path, storage, tracking_uri, n_trials, workers, no_report, quiet):
     """Run the study of SPEC (YAML), or continue it: running the same command again after a kill
-    completes what is missing and repeats nothing."""
+    completes what is missing and repeats nothing. The report is built when the study completes."""
     from .spec import load_spec
 
     with _errors():
-        _run(load_spec(spec_path), storage, tracking_uri, n_trials, quiet)
+        _run(load_spec(spec_path), storage, tracking_uri, n_trials, quiet, workers, not no_report,
+             again=f"sweeper study run {spec_path}")
 
 
 @study.command()
 @click.argument("name")
 @run_options
-def resume(name, storage, tracking_uri, n_trials, quiet):
+def resume(name, storage, tracking_uri, n_trials, workers, no_report, quiet):
     """Continue study NAME from its stored spec (no file needed)."""
     from .study import load, open_storage
 
     with _errors():
         _, spec = load(name, open_storage(storage))
-        _run(spec, storage, tracking_uri, n_trials, quiet)
+        _run(spec, storage, tracking_uri, n_trials, quiet, workers, not no_report)
 
 
 @click.command()
 @click.argument("name")
 @run_options
-def worker(name, storage, tracking_uri, n_trials, quiet):
+def worker(name, storage, tracking_uri, n_trials, workers, no_report, quiet):
     """Join study NAME as one of many workers (e.g. one per machine or GPU over a PostgreSQL --storage):
     each takes the next grid point / TPE sample, a killed one's trial is retried by the others after
-    its heartbeat goes stale, and each exits when nothing is left to start."""
+    its heartbeat goes stale, and each exits when nothing is left to start. The worker that finishes
+    the study's last trial ends its parent MLflow run and builds the report."""
     from .study import load, open_storage
 
     with _errors():
         _, spec = load(name, open_storage(storage))
-        _run(spec, storage, tracking_uri, n_trials, quiet)
+        _run(spec, storage, tracking_uri, n_trials, quiet, workers, not no_report, again=f"sweeper worker {name}")
 
 
-def _run(spec, storage, tracking_uri, n_trials, quiet) -> None:
+def _run(spec, storage, tracking_uri, n_trials, quiet, workers=1, report=True, again=None) -> None:
     from .study import run
 
     what = f"{len(spec.points())} grid points" if spec.kind == "grid" else f"budget {spec.budget} trials"
     click.echo(f"study {spec.name} ({spec.kind}, {what}; {spec.objective.direction} {spec.objective.metric})")
-    out = run(spec, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, quiet=quiet, echo=click.echo)
+    if workers > 1 and n_trials != 0:  # (--n-trials 0 only creates the study, whatever --workers says)
+        return _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again)
+    out = run(spec, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, quiet=quiet, echo=click.echo,
+              report=report)
     p = out.progress
-    click.echo(f"study {spec.name}: {p.done}/{p.total} done" + (f", {p.diverged} diverged" if p.diverged else "")
-               + (f"; best {spec.objective.metric} {p.best[1]:.4g} at {spec.label(p.best[0])}" if p.best else ""))
-    click.echo(f"MLflow: experiment '{spec.name}', parent run {out.parent_run_id}; "
-               f"tables and plots: sweeper study report {spec.name}")
+    _summary(spec, p, out.parent_run_id, out.report)
     if out.ran:
         over = out.overhead
         per_trial = (over - out.setup_time - out.close_time) / out.ran
@@ -96,8 +108,40 @@ def _run(spec, storage, tracking_uri, n_trials, quiet) -> None:
                    f"orchestration (Optuna, MLflow) {over:.1f} s = "
                    f"{100 * over / max(out.wall_time, 1e-9):.1f}% (setup {out.setup_time:.1f} s, {per_trial:.2f} s "
                    f"per trial, final delivery {out.close_time:.1f} s)")
-    if p.done < p.total and out.ran and not n_trials:
+    if p.done < p.total and out.ran and not n_trials and not p.running:
         click.echo(f"some trials failed; fix the cause and run `sweeper study resume {spec.name}` to retry them")
+    elif p.done < p.total and p.running and not n_trials:
+        click.echo(f"{len(p.running)} trial(s) still run in other workers; the last of them completes the study")
+
+
+def _summary(spec, p, parent_run_id, report) -> None:
+    click.echo(f"study {spec.name}: {p.done}/{p.total} done" + (f", {p.diverged} diverged" if p.diverged else "")
+               + (f"; best {spec.objective.metric} {p.best[1]:.4g} at {spec.label(p.best[0])}" if p.best else ""))
+    where = (f"report: {report} (also on the parent run, artifacts/report)" if report else
+             f"tables and plots: sweeper study report {spec.name}")
+    click.echo(f"MLflow: experiment '{spec.name}', parent run {parent_run_id}; {where}")
+
+
+def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again) -> None:
+    from .study import Interrupted, public_url
+    from .workers import run_workers
+
+    out = run_workers(spec, workers, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, report=report,
+                      echo=click.echo)
+    p = out.progress
+    _summary(spec, p, out.prepared.parent_run_id, out.report)
+    resume = (f"{again or f'sweeper study resume {spec.name}'} --workers {workers}"
+              + (f" --storage {public_url(storage)}" if storage else ""))
+    failed = ("worker(s) " + ", ".join(f"{i} (exit status {out.codes[i - 1]})" for i in out.failed)
+              + " stopped with an error; their output is above (prefixed [wI])") if out.failed else None
+    if out.interrupted and not (p.done >= p.total and not p.running):
+        if failed:
+            click.echo(failed, err=True)
+        raise Interrupted(f"interrupted; {p.done}/{p.total} done. Resume with: {resume}")
+    if failed:
+        raise click.ClickException(f"{failed}. Fix the cause, then: {resume}")
+    if p.done < p.total and not n_trials:
+        click.echo(f"some trials failed; fix the cause and run `{resume}` to retry them")
 
 
 @study.command()
@@ -131,13 +175,13 @@ def status(name, storage, as_json):
 def list_cmd(storage):
     """Every study in the storage, with its progress and best value."""
     from .spec import SpecError
-    from .study import load, open_storage, progress, study_names
+    from .study import load, open_storage, progress, public_url, study_names
 
     with _errors():
         store = open_storage(storage)
         names = study_names(store)
         if not names:
-            click.echo(f"no studies in {store.url}; start one with `sweeper study run studies/quickstart.yaml`")
+            click.echo(f"no studies in {public_url(store.url)}; start one with `sweeper study run studies/quickstart.yaml`")
             return
         for name in names:
             try:

@@ -151,3 +151,25 @@ def subprocess_env(workdir: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def claim_race(study, threads: int, mark: str) -> list[bool]:
+    """`threads` threads (each its own pooled storage connection) claim the completion of `study` at
+    the same moment; returns who won, sorted."""
+    import threading
+
+    from sweeper import study as st
+
+    barrier = threading.Barrier(threads)
+    wins: list[bool] = []
+
+    def claim() -> None:
+        barrier.wait()
+        wins.append(st.claim_completion(study, mark))
+
+    pool = [threading.Thread(target=claim) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sorted(wins)

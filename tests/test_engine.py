@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from trainers.config import ConfigError, TrainConfig
+from trainers.config import TrainConfig
 from trainers.data import load_dataset
-from trainers.engine import WorkerRunner, make_engine
+from trainers.engine import WorkerRunner
 from trainers.train import CentralizedRunner, evaluate, make_runner, train
 
 DEVICE = torch.device("cpu")
@@ -208,13 +208,6 @@ def test_vmap_equals_serial(case):
     s, v = serial.algorithm_state(), vmapped.algorithm_state()
     for key in ("dynamic_J", "adaptive_period"):
         assert s.get(key) == v.get(key)
-
-
-def test_dist_backend_is_refused_clearly():
-    cfg = distributed("local", 2, **{"distributed.backend": "dist"})
-    data = load_dataset(cfg.data, cfg.seed, log=lambda _: None)
-    with pytest.raises(ConfigError, match="dist.*not available yet"):
-        make_engine(cfg, data, DEVICE)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,10 +23,14 @@ def average_(x: Tensor) -> Tensor:
     return mean
 
 
-def spread(x: Tensor, mean: Tensor) -> Tensor:
+def spread(x: Tensor, mean: Tensor, group=None) -> Tensor:
     """S = (1/K) sum_k ||mean - x_k||^2 (fifth source, Algorithm 2 line 11), a 0-d tensor: per-worker
-    squared norms, then their mean."""
-    return torch.linalg.vector_norm(x - mean, dim=1).square().mean()
+    squared norms, then their mean. x holds all K rows, or with a worker `group` (comm.py) the rows of
+    this process, summed over the group."""
+    squares = torch.linalg.vector_norm(x - mean, dim=1).square()
+    if group is None:
+        return squares.mean()
+    return group.sum(squares) / group.world
 
 
 def slowmo_(anchor: Tensor, u: Tensor, mean: Tensor, lr: float, alpha: float, beta: float,
@@ -112,16 +116,18 @@ def neighbours(w: Tensor) -> int:
 # Dynamic local steps J_t (first source, section 6)
 
 
-def gradient_stats(grads: Tensor) -> tuple[float, float]:
+def gradient_stats(grads: Tensor, group=None) -> tuple[float, float]:
     """(G, sigma^2) from the workers' last gradients grads [K, P] (first source, section 6, step i):
         g = (1/K) sum_k g_k;   sigma^2 = sum_k ||g_k - g||^2 / (K - 1);   G = ||g||^2 - sigma^2 / K.
     The source prints G = ||g||^2 - sigma/k; we follow the DESIGN's sigma^2/K, which makes G an unbiased
-    estimate of ||E g||^2 (E||g||^2 = ||E g||^2 + sigma^2/K). Norms are per worker, then summed."""
-    k = grads.shape[0]
+    estimate of ||E g||^2 (E||g||^2 = ||E g||^2 + sigma^2/K). Norms are per worker, then summed. With a
+    worker `group` (comm.py) grads holds this process's rows and the mean and sum run over the group."""
+    k = grads.shape[0] if group is None else group.world
     if k < 2:
         raise ValueError("gradient statistics need at least 2 workers")
-    g = grads.mean(0)
-    sigma2 = torch.linalg.vector_norm(grads - g, dim=1).square().sum() / (k - 1)
+    g = grads.mean(0) if group is None else group.mean(grads)
+    squares = torch.linalg.vector_norm(grads - g, dim=1).square()
+    sigma2 = (squares.sum() if group is None else group.sum(squares)) / (k - 1)
     big_g = torch.linalg.vector_norm(g).square() - sigma2 / k
     return float(big_g), float(sigma2)
 

@@ -210,12 +210,14 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast, weights and optimizer stay fp32
     channels_last: bool = False
     divergence_loss: float = 1e3  # a train loss above this (or NaN/inf) stops the run as diverged
+    threads: int = 0  # torch intra-op threads; 0: torch's default (dist backend: the cores shared by the K ranks)
 
     def validate(self) -> "TrainConfig":
         _check(self.epochs > 0, "epochs", "must be positive")
         _check(self.batch_size > 0, "batch_size", "must be positive")
         _check(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
         _check(self.divergence_loss > 0, "divergence_loss", "must be positive")
+        _check(self.threads >= 0, "threads", "must be >= 0 (0: torch's default)")
         for name in ("data", "optim", "schedule", "distributed"):
             getattr(self, name).validate(name)
         return self

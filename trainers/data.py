@@ -13,6 +13,7 @@ import gzip
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Callable
@@ -242,13 +243,16 @@ def _check_parts(parts: Parts) -> None:
 def _write_cache(cache: pathlib.Path, parts: Parts, origin: str, log: Callable[[str], None]) -> None:
     (train_x, train_y), (test_x, test_y) = parts
     blob = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, origin=origin)
-    tmp = cache.with_name(cache.name + ".tmp")
+    # A name of this process's own: processes sharing the data directory (dist ranks, compose workers on one
+    # volume) may write the same cache at once; each replaces it whole.
+    tmp = cache.with_name(f"{cache.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(blob, tmp)
         os.replace(tmp, cache)  # atomic: a crash mid-write never leaves a truncated cache behind
         log(f"wrote cache {cache} ({cache.stat().st_size / 2**20:.0f} MiB) for fast later loads")
     except OSError as err:  # a read-only data root only costs the next run a re-parse
+        tmp.unlink(missing_ok=True)
         log(f"could not write cache {cache}: {err}")
 
 

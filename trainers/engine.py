@@ -12,7 +12,10 @@ Backends:
 - `serial`: K module copies stepped one after another: the reference semantics.
 - `vmap`: one batched forward/backward per step (torch.func.functional_call + vmap + grad) on parameters
   stacked on a leading worker dim, one optimizer built with `stacked=True` (per-worker LARS/LAMB norms).
-- `dist` (one process per worker under torch.distributed) is not built yet.
+- `dist`: one process per worker under torch.distributed (`launch.py` starts them, or torchrun does);
+  each process steps its own worker with the serial backend and the engine's cross-worker operations
+  (averaging, gossip, SlowMo's mean, the spread and gradient statistics) become collectives through
+  `comm.ProcessGroup`. In one process they go through `comm.LocalGroup`: the same code, tensor ops.
 
 Time is measured per local step and per communication (CUDA events on a GPU, read once per epoch), and
 communication is counted in rounds and bytes and priced by `comm.py`'s network model.
@@ -53,12 +56,8 @@ def derived_seed(seed: int, stream: int) -> int:
 
 
 def make_engine(cfg: TrainConfig, data: Dataset, device: torch.device,
-                on_progress: ProgressCallback | None = None) -> "WorkerRunner":
-    if cfg.distributed.backend == "dist":
-        raise ConfigError("distributed.backend: dist (one process per worker under torch.distributed, launched "
-                          "by torchrun) comes with the scale-out work and is not available yet; use serial "
-                          "(the reference) or vmap (batched, for GPUs)")
-    return WorkerRunner(cfg, data, device, on_progress)
+                on_progress: ProgressCallback | None = None, group=None) -> "WorkerRunner":
+    return WorkerRunner(cfg, data, device, on_progress, group)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,7 +373,7 @@ class VmapBackend:
             self.buffers[n].copy_(t)
 
 
-BACKENDS = {"serial": SerialBackend, "vmap": VmapBackend}
+BACKENDS = {"serial": SerialBackend, "vmap": VmapBackend, "dist": SerialBackend}  # dist: one worker per process
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,12 +384,20 @@ class WorkerRunner:
     """K workers under one of the distributed algorithms; the protocol of `train.CentralizedRunner`."""
 
     def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device,
-                 on_progress: ProgressCallback | None = None):
+                 on_progress: ProgressCallback | None = None, group=None):
         d = cfg.distributed
         if d.backend not in BACKENDS:
-            raise ConfigError(f"distributed.backend: unknown backend {d.backend!r}; choose serial or vmap")
+            raise ConfigError(f"distributed.backend: unknown backend {d.backend!r}; choose serial, vmap or dist")
+        if d.backend == "dist" and not isinstance(group, comm.ProcessGroup):
+            raise ConfigError("distributed.backend: dist runs one process per worker: start it with "
+                              "trainers.train() (or `sweeper train`), which launches them, or under torchrun")
         self.cfg, self.dist, self.device, self.on_progress = cfg, d, device, on_progress
         self.k = d.workers
+        self.group = group if group is not None else comm.LocalGroup(self.k)
+        if self.group.world != self.k:
+            raise ConfigError(f"distributed.workers: {self.k} workers, but the process group has "
+                              f"{self.group.world} processes; launch one process per worker")
+        self.rows = self.group.rows  # the workers held here: all K, or this process's rank
         self.batcher = Batcher(cfg, data, device)
         # Built first, as the centralized runner does, so that both draw the same initial weights.
         template = build_model(cfg.model, data.channels, data.image_size, data.num_classes).to(device)
@@ -400,7 +407,7 @@ class WorkerRunner:
         lr = scale_lr(cfg.optim.lr, self.k * cfg.batch_size, cfg.schedule)  # the global batch K*B
 
         self.layout = Layout(template)
-        self.x, self.b = self.layout.stack(template, self.k, device)  # every worker starts from x_0
+        self.x, self.b = self.layout.stack(template, len(self.rows), device)  # every worker starts from x_0
         self.eval_x, self.eval_b = self.layout.stack(template, 1, device)
         self.eval_module = copy.deepcopy(template)
         self.layout.bind(self.eval_module, self.eval_x, self.eval_b, 0)
@@ -408,9 +415,9 @@ class WorkerRunner:
                                            self.batcher, device)
 
         # One generator per worker (shuffling its shard, augmenting its batches); worker 0 uses the run seed.
-        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, k))
-                           for k in range(self.k)]
-        self.noise_generator = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, 1 << 20))
+        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, k)) for k in self.rows]
+        self.noise_generators = [torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, (1 << 21) + k))
+                                 for k in self.rows]
         self.gossip_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, (1 << 20) + 1))
 
         # Algorithm state (all of it in state_dict).
@@ -440,7 +447,7 @@ class WorkerRunner:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, d = self.cfg, self.dist
         self.backend.train()
-        meter = LossMeter(self.device, cfg.divergence_loss)
+        meter = LossMeter(self.device, cfg.divergence_loss, self.group)
         clock = Clock(self.device)
         self.rounds, self.bytes_sent = 0, 0.0
         plan = self._plan(epoch)
@@ -459,7 +466,7 @@ class WorkerRunner:
             self.global_step += 1
             if self.on_progress is not None:
                 self.on_progress(step + 1, self.steps_per_epoch)
-        compute, parallel, measured = clock.close()
+        compute, parallel, measured = self._times(clock.close())
         stats = meter.result()
         stats["lr"] = self.backend.lr
         modeled = comm.modeled_time(self.rounds, self.bytes_sent, self.net)
@@ -476,12 +483,21 @@ class WorkerRunner:
             stats["local_steps"] = float(self.controller.period(self.global_step))
         return stats
 
+    def _times(self, local: tuple[float, float, float]) -> tuple[float, float, float]:
+        """(compute summed over workers, parallel compute, communication) of the epoch. Across processes:
+        the sum of the ranks' compute, the slowest rank's compute, the ranks' mean collective time (which
+        includes waiting for the slowest, as a real all-reduce does)."""
+        if isinstance(self.group, comm.LocalGroup):
+            return local
+        ranks = self.group.gather(local)
+        return (sum(r[0] for r in ranks), max(r[1] for r in ranks), sum(r[2] for r in ranks) / len(ranks))
+
     def _plan(self, epoch: int) -> list[Tensor]:
-        """Each worker's examples for this epoch, in order: its shard (re-split every epoch under
+        """Each held worker's examples for this epoch, in order: its shard (re-split every epoch under
         `reshuffle`) in a random order drawn from its own generator."""
         shards = shard_indices(self.n, self.k, self.dist.shards, self.cfg.seed, epoch)
-        return [s.to(self.device)[torch.randperm(len(s), device=self.device, generator=g)]
-                for s, g in zip(shards, self.generators)]
+        return [shards[k].to(self.device)[torch.randperm(len(shards[k]), device=self.device, generator=g)]
+                for k, g in zip(self.rows, self.generators)]
 
     def _batch(self, order: Tensor, step: int) -> Tensor:
         """Local batch `step` of a worker. All workers take the same number of steps, so a smaller shard
@@ -502,11 +518,12 @@ class WorkerRunner:
     @torch.no_grad()
     def _perturb(self) -> Tensor:
         """SSGD* (fourth source, section 2.2): each learner's weights are w_a + delta_j with delta_j i.i.d.
-        N(0, sigma_0^2 I), drawn fresh after each synchronous step; the gradients are taken there, the
-        synchronous update applies to the clean w_a. Returns w_a."""
+        N(0, sigma_0^2 I), drawn fresh after each synchronous step from learner j's own generator; the
+        gradients are taken there, the synchronous update applies to the clean w_a. Returns w_a."""
         clean = self.x[0].clone()
-        noise = torch.randn(self.x.shape, generator=self.noise_generator, device=self.device, dtype=self.x.dtype)
-        self.x.add_(noise, alpha=self.dist.noise_std)
+        for row, generator in zip(self.x, self.noise_generators):
+            noise = torch.randn(row.shape, generator=generator, device=self.device, dtype=self.x.dtype)
+            row.add_(noise, alpha=self.dist.noise_std)
         return clean
 
     @torch.no_grad()
@@ -514,7 +531,7 @@ class WorkerRunner:
         """minibatch (FULLSGD): average the workers' gradients, so every worker takes the same step."""
         start = clock.now()
         for g in grads:
-            g.copy_(g.mean(0, keepdim=True).expand_as(g))
+            self.group.average_(g)
         if clean is not None:
             self.x.copy_(clean.expand_as(self.x))
         clock.comm(start)
@@ -543,9 +560,9 @@ class WorkerRunner:
         differs only in that the gradient step is not itself mixed). Optimizer state is not mixed."""
         start = clock.now()
         w, peers = self._mixing_matrix()
-        alg.mix_(self.x, w)
+        self.group.mix_(self.x, w)
         if self.layout.q:
-            alg.mix_(self.b, w)
+            self.group.mix_(self.b, w)
         clock.comm(start)
         self._count(comm.gossip_bytes(self.model_bytes, peers))
 
@@ -562,7 +579,7 @@ class WorkerRunner:
         return self.matrices[key]
 
     def _placed(self, w: Tensor) -> tuple[Tensor, int]:
-        return w.to(device=self.device, dtype=self.x.dtype), alg.neighbours(w)  # peers counted on the host
+        return self.group.place(w, self.x), alg.neighbours(w)  # peers counted on the host
 
     @torch.no_grad()
     def _average(self, lr: float, clock: Clock) -> None:
@@ -570,15 +587,15 @@ class WorkerRunner:
         `self.global_step`, whose lr was `lr`."""
         d, x = self.dist, self.x
         start = clock.now()
-        mean = x.mean(0)
+        mean = self.group.mean(x)
         bytes_sent = comm.allreduce_bytes(self.model_bytes, self.k)
         if d.algorithm == "adaptive-local":
-            s = float(alg.spread(x, mean))  # one extra scalar all-reduce (source: negligible)
+            s = float(alg.spread(x, mean, self.group))  # one extra scalar all-reduce (source: negligible)
             p = self.controller.update(self.global_step, s, lr)
             self._record(adaptive_step=self.global_step, adaptive_S=s, adaptive_lr=lr, adaptive_period=p)
         if d.algorithm == "dynamic-local":
             # The statistics need the mean gradient: one more all-reduce, of the P gradient values.
-            big_g, sigma2 = alg.gradient_stats(self.backend.grads())
+            big_g, sigma2 = alg.gradient_stats(self.backend.grads(), self.group)
             self.j = alg.dynamic_steps(big_g, sigma2, d.dynamic.alpha, d.dynamic.eps, d.dynamic.j_min, d.dynamic.j_max)
             bytes_sent += comm.allreduce_bytes(self.grad_bytes, self.k)
             self._record(dynamic_step=self.global_step, dynamic_J=self.j, dynamic_G=big_g, dynamic_sigma2=sigma2)
@@ -587,7 +604,7 @@ class WorkerRunner:
             mean = self.anchor
         x.copy_(mean.expand_as(x))
         if self.layout.q:  # BatchNorm statistics: plain averaging
-            alg.average_(self.b)
+            self.group.average_(self.b)
         clock.comm(start)
         self._count(bytes_sent)
 
@@ -610,8 +627,8 @@ class WorkerRunner:
     def eval_model(self) -> nn.Module:
         """The average of the workers' parameters and BatchNorm statistics (the second source: models are
         averaged before evaluation), in a module of its own: the workers are untouched."""
-        self.eval_x.copy_(self.x.mean(0, keepdim=True))
-        self.eval_b.copy_(self.b.mean(0, keepdim=True))
+        self.eval_x.copy_(self.group.mean(self.x).unsqueeze(0))
+        self.eval_b.copy_(self.group.mean(self.b).unsqueeze(0))
         for n, t in self.backend.int_buffers(0).items():
             self.eval_module.get_buffer(n).copy_(t)
         return self.eval_module
@@ -633,7 +650,7 @@ class WorkerRunner:
     def state_dict(self) -> dict:
         return {"x": self.x.clone(), "b": self.b.clone(), "backend": self.backend.state_dict(),
                 "generators": [g.get_state() for g in self.generators],
-                "noise_generator": self.noise_generator.get_state(),
+                "noise_generators": [g.get_state() for g in self.noise_generators],
                 "gossip_generator": self.gossip_generator.get_state(),
                 "global_step": self.global_step, "since_average": self.since_average,
                 "local_phase": self.local_phase, "j": self.j, "controller": self.controller.state_dict(),
@@ -648,7 +665,8 @@ class WorkerRunner:
         self.backend.load_state_dict(state["backend"])
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s.cpu())
-        self.noise_generator.set_state(state["noise_generator"].cpu())
+        for g, s in zip(self.noise_generators, state["noise_generators"]):
+            g.set_state(s.cpu())
         self.gossip_generator.set_state(state["gossip_generator"].cpu())
         self.global_step, self.since_average = state["global_step"], state["since_average"]
         self.local_phase, self.j = state["local_phase"], state["j"]

@@ -100,14 +100,19 @@ def evaluate(model: nn.Module, batcher: Batcher, cfg: TrainConfig, device: torch
 
 class LossMeter:
     """Sums loss and correct predictions on the device; looks at them on the host only every
-    DIVERGENCE_CHECK_EVERY steps so the hot loop does not wait on the device."""
+    DIVERGENCE_CHECK_EVERY steps so the hot loop does not wait on the device.
 
-    def __init__(self, device: torch.device, limit: float):
+    With a worker group that spans processes (engine's dist backend) the sums are all-reduced at the
+    epoch's end and divergence is decided there, on the same figures in every process: a check of one
+    rank's own loss mid-epoch would stop that rank alone and leave the others waiting in a collective."""
+
+    def __init__(self, device: torch.device, limit: float, group=None):
         self.loss = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
         self.count = 0
         self.steps = 0
         self.limit = limit
+        self.group = group if getattr(group, "spans_processes", False) else None
 
     def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
         n = y.shape[0]
@@ -115,7 +120,7 @@ class LossMeter:
         self.correct += (out.detach().argmax(-1) == y).sum()
         self.count += n
         self.steps += 1
-        if self.steps % DIVERGENCE_CHECK_EVERY == 0:
+        if self.group is None and self.steps % DIVERGENCE_CHECK_EVERY == 0:
             self.check(loss.item())
 
     def check(self, value: float) -> None:
@@ -123,10 +128,13 @@ class LossMeter:
             raise Diverged(f"loss {value:.4g}")
 
     def result(self) -> dict[str, float]:
-        loss = self.loss.item() / max(self.count, 1)
+        loss_sum, correct, count = self.loss.item(), self.correct.item(), self.count
+        if self.group is not None:
+            sums = torch.stack([self.loss, self.correct.double(), self.loss.new_tensor(float(count))])
+            loss_sum, correct, count = self.group.sum(sums.unsqueeze(0)).tolist()
+        loss = loss_sum / max(count, 1)
         self.check(loss)
-        return {"train_loss": loss, "train_acc": 100.0 * self.correct.item() / max(self.count, 1),
-                "images": float(self.count)}
+        return {"train_loss": loss, "train_acc": 100.0 * correct / max(count, 1), "images": float(count)}
 
 
 class CentralizedRunner:
@@ -181,11 +189,12 @@ class CentralizedRunner:
         self.generator.set_state(state["generator"])
 
 
-def make_runner(cfg: TrainConfig, data: Dataset, device: torch.device, on_progress: ProgressCallback | None):
+def make_runner(cfg: TrainConfig, data: Dataset, device: torch.device, on_progress: ProgressCallback | None,
+                group=None):
     if cfg.distributed.enabled:
         from .engine import make_engine  # the K-worker engine
 
-        return make_engine(cfg, data, device, on_progress)
+        return make_engine(cfg, data, device, on_progress, group)
     return CentralizedRunner(cfg, data, device, on_progress)
 
 
@@ -209,6 +218,70 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+class Checkpoints:
+    """Where a run's checkpoints live.
+
+    One process: `checkpoint.pt`, replaced atomically after every epoch. Under torch.distributed each rank
+    writes its own `checkpoint.rank<r>.epoch<e>.pt` and removes its older ones only once every rank has
+    written epoch e (a barrier): a kill at any moment leaves an epoch that all ranks hold, and a restart
+    continues from the latest such epoch (the ranks agree on it with an all-reduce)."""
+
+    def __init__(self, directory: str | Path, group=None):
+        self.directory = Path(directory)
+        self.group = group if getattr(group, "spans_processes", False) else None
+
+    def _mine(self) -> dict[int, Path]:
+        rank = self.group.rank
+        found = {}
+        for path in self.directory.glob(f"checkpoint.rank{rank}.epoch*.pt"):
+            epoch = path.name[len(f"checkpoint.rank{rank}.epoch"):-len(".pt")]
+            if epoch.isdigit():
+                found[int(epoch)] = path
+        return found
+
+    def load(self, cfg: TrainConfig, device: torch.device) -> dict | None:
+        if self.group is None:
+            return load_checkpoint(self.directory / CHECKPOINT, cfg, device)
+        mine = self._mine()
+        epoch = self.group.min_int(max(mine, default=0))
+        if epoch == 0:
+            return None
+        if epoch not in mine:
+            raise ConfigError(f"checkpoints in {self.directory}: rank {self.group.rank} has no epoch {epoch}, "
+                              "which every other rank holds; delete the directory to start over")
+        return load_checkpoint(mine[epoch], cfg, device)
+
+    def save(self, payload: dict, epoch: int) -> None:
+        if self.group is None:
+            save_checkpoint(self.directory / CHECKPOINT, payload)
+            return
+        save_checkpoint(self.directory / f"checkpoint.rank{self.group.rank}.epoch{epoch}.pt", payload)
+        self.group.barrier()
+        for old, path in self._mine().items():
+            if old != epoch:
+                path.unlink(missing_ok=True)
+
+
+def checkpoint_history(directory: str | Path) -> list[EpochReport]:
+    """The epochs a run's checkpoint in `directory` holds, without loading the model state onto a device;
+    [] when there is none. Under the dist backend: rank 0's file of the latest epoch all ranks hold (the
+    one a restart continues from)."""
+    directory = Path(directory)
+    path = directory / CHECKPOINT
+    if not path.exists():
+        epochs: dict[str, set[int]] = {}
+        for found in directory.glob("checkpoint.rank*.epoch*.pt"):
+            rank, _, epoch = found.name[len("checkpoint.rank"):-len(".pt")].partition(".epoch")
+            if rank.isdigit() and epoch.isdigit():
+                epochs.setdefault(rank, set()).add(int(epoch))
+        common = set.intersection(*epochs.values()) if "0" in epochs else set()
+        if not common:
+            return []
+        path = directory / f"checkpoint.rank0.epoch{max(common)}.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return [EpochReport(**r) for r in payload["history"]]
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> dict | None:
@@ -249,25 +322,60 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None, checkpoint
     With `checkpoint_dir`, the full state is saved after every epoch (before `on_epoch`), and a call
     that finds a checkpoint there continues from it: the result equals an uninterrupted run bit for
     bit on the CPU. Exceptions raised by `on_epoch` (e.g. a pruner's) propagate after the save.
+
+    `distributed.backend: dist` runs one process per worker (`launch.py`): called in an ordinary process,
+    this starts them and relays rank 0's reports to the callbacks; called in a rank (under torchrun),
+    it trains that rank's worker, and only rank 0 evaluates and calls back.
     """
     cfg = config.validate()
+    group, created = None, False
+    if cfg.distributed.enabled and cfg.distributed.backend == "dist":
+        from . import launch
+
+        if not launch.in_group():
+            data = load_dataset(cfg.data, cfg.seed, lambda _: None)  # fail here, not in K ranks; fills the cache
+            check_fits(cfg, data)
+            del data
+            return launch.launch(cfg, on_epoch, checkpoint_dir, on_progress, log)
+        from .comm import ProcessGroup
+
+        device, created = launch.join(cfg, resolve_device(cfg.device))
+        group = ProcessGroup(device)
+        if not group.reports:
+            on_epoch, on_progress = None, None
+    else:
+        device = resolve_device(cfg.device)
+    try:
+        return _train(cfg, device, group, on_epoch, checkpoint_dir, on_progress, log)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, device: torch.device, group, on_epoch: EpochCallback | None,
+           checkpoint_dir: str | Path | None, on_progress: ProgressCallback | None,
+           log: Callable[[str], None]) -> TrainResult:
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    reports = group is None or group.reports  # under dist: rank 0 evaluates and reports
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, cfg.seed, log).to(device)
     check_fits(cfg, data)
-    runner = make_runner(cfg, data, device, on_progress)
+    runner = make_runner(cfg, data, device, on_progress, group)
 
     history: list[EpochReport] = []
     status = "completed"
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    payload = load_checkpoint(ckpt, cfg, device) if ckpt is not None else None
+    checkpoints = Checkpoints(checkpoint_dir, group) if checkpoint_dir is not None else None
+    payload = checkpoints.load(cfg, device) if checkpoints is not None else None
     if payload is not None:
         runner.load_state_dict(payload["runner"])
         set_rng_state(payload["rng"], device)
         history = [EpochReport(**r) for r in payload["history"]]
         status = payload["status"]
-        log(f"resuming from {ckpt} after epoch {len(history)}")
+        log(f"resuming from {checkpoints.directory} after epoch {len(history)}")
 
     while status == "completed" and len(history) < cfg.epochs:
         epoch = len(history)
@@ -284,16 +392,18 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None, checkpoint
         t1 = time.perf_counter()
         eval_loss, eval_acc = (math.nan, math.nan)
         if status == "completed":
-            eval_loss, eval_acc = evaluate(runner.eval_model(), runner.batcher, cfg, device)
+            model = runner.eval_model()  # under dist a collective: every rank takes part
+            if reports:
+                eval_loss, eval_acc = evaluate(model, runner.batcher, cfg, device)
         extra = {k: v for k, v in stats.items() if k not in ("train_loss", "train_acc", "images", "lr")}
         report = EpochReport(epoch=epoch + 1, train_loss=stats["train_loss"], train_acc=stats["train_acc"],
                              eval_loss=eval_loss, eval_acc=eval_acc, lr=stats["lr"], epoch_time=epoch_time,
                              eval_time=time.perf_counter() - t1,
                              images_per_sec=stats["images"] / epoch_time if epoch_time > 0 else 0.0, extra=extra)
         history.append(report)
-        if ckpt is not None:
-            save_checkpoint(ckpt, {"config": cfg.to_dict(), "status": status, "history": [asdict(r) for r in history],
-                                   "runner": runner.state_dict(), "rng": rng_state(device)})
+        if checkpoints is not None:
+            checkpoints.save({"config": cfg.to_dict(), "status": status, "history": [asdict(r) for r in history],
+                              "runner": runner.state_dict(), "rng": rng_state(device)}, len(history))
         if on_epoch is not None:
             on_epoch(report)
 

@@ -1,0 +1,182 @@
+"""`--workers N`: N worker processes on this machine that join one study, the way `sweeper worker` joins
+it from any machine.
+
+This process only prepares the study (creates it, requeues what a killed run left, opens the parent
+MLflow run), starts N `sweeper worker NAME` processes on the same storage and tracking URI, prints their
+lines prefixed `[wI]`, and waits. Grid points run exactly once across them and each trial is one child
+run of the study's one parent run (see `study.py`); the worker that finishes the study's last trial
+ends the parent run and builds the report.
+
+Ctrl-C (or SIGTERM) here is passed on once to every worker as SIGINT: each stops like an interrupted
+`study run` (its running trial queued again, its MLflow runs KILLED); a second Ctrl-C kills them (the
+next run retries their trials at once: their pids are gone). Each worker runs in its own process group,
+so a terminal's Ctrl-C reaches them only through here, exactly once, and dies with this process
+(PR_SET_PDEATHSIG on Linux) rather than writing to a closed pipe.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .spec import SpecError, StudySpec
+from .study import A_COMPLETED, A_TRACKING, Outcome, progress, public_url, run, state_dir, storage_url
+
+
+@dataclass
+class WorkersOutcome:
+    prepared: Outcome  # the preparation in this process (no trial ran here)
+    progress: object  # study.Progress after the workers exited
+    codes: list[int] = field(default_factory=list)  # exit status of each worker (negative: killed by signal)
+    interrupted: bool = False
+    report: Path | None = None  # report.md, when the study is complete and its report was built
+
+    @property
+    def failed(self) -> list[int]:
+        """Workers (1-based) that ended with an error rather than done or interrupted."""
+        return [i for i, rc in enumerate(self.codes, 1) if rc not in (0, 130) and not (self.interrupted and rc < 0)]
+
+
+def check_storage(url: str, workers: int) -> None:
+    """Storages that N processes cannot share are an error here, before anything starts."""
+    if workers > 1 and url.startswith("sqlite:") and (url in ("sqlite://", "sqlite:///") or ":memory:" in url):
+        raise SpecError(f"--workers {workers}: the storage {url} is an in-memory SQLite database, which other "
+                        f"processes cannot open; use a file (the default sqlite:///{state_dir()}/optuna.db) or "
+                        f"a PostgreSQL URL")
+
+
+def worker_env(index: int, workers: int, gpus: int) -> dict[str, str]:
+    """The environment of worker `index` (0-based): the CPU's cores split between the workers unless
+    OMP_NUM_THREADS is set (N workers x all cores each oversubscribe a CPU many times over), and, on a
+    machine with several GPUs and no CUDA_VISIBLE_DEVICES, one GPU each in turn."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no usable CUDA: the workers run where the config says
+        return 0
+
+
+def _libc():
+    """Linux's C library, for prctl (loaded here, before any fork: the child may only make calls)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _child_setup(libc) -> Callable[[], None]:
+    """What each worker does between fork and exec: its own process group (Ctrl-C reaches it from us,
+    once), SIGINT's default action back (a shell starts background jobs with SIGINT ignored, and Python
+    then never turns it into KeyboardInterrupt), and SIGTERM when we die (PR_SET_PDEATHSIG), which it
+    handles like Ctrl-C, rather than going on with nobody to read its output."""
+    def setup() -> None:
+        os.setpgrp()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if libc is not None:
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return setup
+
+
+def run_workers(spec: StudySpec, workers: int, storage: str | None = None, tracking_uri: str | None = None,
+                n_trials: int | None = None, report: bool = True,
+                echo: Callable[[str], None] = print) -> WorkersOutcome:
+    """Prepare the study, run `workers` worker processes on it until it is done (or each ran `n_trials`
+    trials), and return what they left."""
+    url = storage_url(storage)
+    check_storage(url, workers)
+    prepared = run(spec, storage=url, tracking_uri=tracking_uri, n_trials=0, quiet=True, echo=echo,
+                   report=report, announce=False)
+    study = prepared.study
+    todo = prepared.progress.remaining
+    if todo == 0:
+        return WorkersOutcome(prepared, prepared.progress, report=prepared.report)
+    n = min(workers, todo)
+    what = "grid point(s)" if spec.kind == "grid" else "trial(s) of the budget"
+    join = ("SQLite: processes of this machine only" if url.startswith("sqlite:") else
+            f"other machines join with `sweeper worker {spec.name} --storage URL`, this storage's URL from there")
+    echo(f"starting {n} worker(s) for {todo} {what} on {public_url(url)} ({join})")
+    # The storage and tracking URIs go by environment, not by argument: `ps` shows arguments (passwords).
+    uris = {"SWEEPER_STORAGE": url, "MLFLOW_TRACKING_URI": study.user_attrs[A_TRACKING]}
+    command = [sys.executable, "-m", "sweeper.cli", "worker", spec.name, "--quiet"] + (
+        ["--n-trials", str(n_trials)] if n_trials else []) + ([] if report else ["--no-report"])
+    gpus = _gpu_count()
+    procs: list[subprocess.Popen] = []
+    relays: list[threading.Thread] = []
+    lock = threading.RLock()  # (RLock: a second Ctrl-C may interrupt the first one's message)
+    signals = {"count": 0}
+
+    def relay(i: int, proc: subprocess.Popen) -> None:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with lock:
+                echo(f"[w{i}] {line}")
+
+    interrupted: set[int] = set()  # workers sent SIGINT (once each: a second would cut their clean stop short)
+
+    def send(p: subprocess.Popen, sig: int) -> None:
+        if sig == signal.SIGINT:
+            if p.pid in interrupted:
+                return
+            interrupted.add(p.pid)
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def forward(signum, frame) -> None:
+        signals["count"] += 1
+        first = signals["count"] == 1
+        with lock:
+            echo("interrupting the workers (their running trials are queued again; Ctrl-C again to kill them)"
+                 if first else "killing the workers")
+        for p in procs:
+            send(p, signal.SIGINT if first else signal.SIGKILL)
+
+    setup = _child_setup(_libc())
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for i in range(n):  # all started before the threads that relay their lines (fork with no threads)
+            if signals["count"]:
+                break  # interrupted while starting them: start no more
+            proc = subprocess.Popen(command, env={**worker_env(i, n, gpus), **uris}, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=setup)
+            procs.append(proc)
+            if signals["count"]:  # the signal came while it started: it gets it now
+                send(proc, signal.SIGINT)
+        for i, proc in enumerate(procs, 1):
+            relays.append(threading.Thread(target=relay, args=(i, proc), daemon=True))
+            relays[-1].start()
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for t in relays:
+        t.join(10)
+    prog = progress(study, spec)
+    done = prog.done >= prog.total and not prog.running
+    path = state_dir() / "reports" / spec.name / "report.md"
+    mark = study._storage.get_study_system_attrs(study._study_id).get(A_COMPLETED)
+    built = done and report and mark == f"{prog.done}/{prog.total}" and path.exists()
+    return WorkersOutcome(prepared, prog, codes, interrupted=signals["count"] > 0, report=path if built else None)
