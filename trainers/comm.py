@@ -116,16 +116,6 @@ class LocalGroup:
         """x_k <- sum_j W_kj x_j for every held worker k (one gossip step), in place."""
         algorithms.mix_(x, w)
 
-    def gather(self, values):
-        """Per-process scalars -> a list of floats, one per process (one here)."""
-        return [list(values)]
-
-    def barrier(self) -> None:
-        pass
-
-    def min_int(self, value: int) -> int:
-        return value
-
 
 class ProcessGroup:
     """One worker per process under an initialised torch.distributed default group: rank r holds row
@@ -176,6 +166,7 @@ class ProcessGroup:
         x[0].copy_(out)
 
     def gather(self, values):
+        """Per-process scalars -> one list of floats per process, in rank order."""
         mine = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
         self.dist.all_gather(everyone, mine)
@@ -185,6 +176,7 @@ class ProcessGroup:
         self.dist.barrier()
 
     def min_int(self, value: int) -> int:
+        """The least of the processes' `value`s."""
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN)
         return int(t.item())

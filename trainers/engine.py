@@ -487,7 +487,7 @@ class WorkerRunner:
         """(compute summed over workers, parallel compute, communication) of the epoch. Across processes:
         the sum of the ranks' compute, the slowest rank's compute, the ranks' mean collective time (which
         includes waiting for the slowest, as a real all-reduce does)."""
-        if isinstance(self.group, comm.LocalGroup):
+        if not self.group.spans_processes:
             return local
         ranks = self.group.gather(local)
         return (sum(r[0] for r in ranks), max(r[1] for r in ranks), sum(r[2] for r in ranks) / len(ranks))
