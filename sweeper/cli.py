@@ -94,7 +94,8 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
               help="--study: training images per epoch (skips the calibration).")
 @click.option("--dataset", default="synthetic", show_default=True, type=click.Choice(["synthetic", "fashion-mnist"]),
               help="--study: data of the trials.")
-@click.option("--threads", default=1, show_default=True, help="--study: torch threads of both arms.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch intra-op threads [default: torch's own; --study: 1, for both arms].")
 @click.option("--fresh-stores", is_flag=True, help="--study: new Optuna/MLflow stores every repeat (a first study).")
 @click.option("--keep", "keep_dir", default=None, type=click.Path(file_okay=False),
               help="--study: keep the stores, specs and logs in this directory.")
@@ -111,7 +112,7 @@ def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, wor
 
         s = StudyBenchSettings(trials=trials, epochs=epochs, trial_seconds=trial_seconds, train_size=train_size,
                                repeats=repeats, model=model, dataset=dataset, batch_size=batch_size,
-                               device="cpu" if device == "auto" else device, threads=threads,
+                               device="cpu" if device == "auto" else device, threads=threads or 1,
                                fresh_stores=fresh_stores, workdir=keep_dir, report=with_report)
         try:
             result = run_study_bench(s, log=log)
@@ -120,8 +121,12 @@ def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, wor
         if as_json:
             click.echo(json.dumps(result))
         return
+    import torch
+
     from trainers.bench import BenchSettings, run_bench
 
+    if threads:
+        torch.set_num_threads(threads)
     counts = tuple(int(k) for k in worker_counts.split(",") if k.strip())
     s = BenchSettings(steps=steps, warmup=warmup, repeats=repeats, batch_size=batch_size, model=model, device=device,
                       loader_workers=loader_workers, workers=counts)
