@@ -36,7 +36,6 @@ nothing heavy (the bare script's own start is measured).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable
 
 
@@ -65,14 +65,6 @@ class StudyBenchSettings:
     quiet: bool = False  # pass --quiet to `sweeper study run` (default: as a user runs it)
     report: bool = False  # let the study build its report when it completes (not orchestration: off)
     workdir: str | None = None  # keep everything here instead of a temporary directory
-
-
-def median(values: list[float]) -> float:
-    values = sorted(values)
-    if not values:
-        return math.nan
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,17 +179,9 @@ def run_study(s: StudyBenchSettings, train_size: int, work: Path, tag: str, stor
     spec_path.write_text(yaml.safe_dump(study_spec(s, name, train_size), sort_keys=False))
     storage, uri = store_urls(stores)
     args = [sys.executable, "-m", "sweeper.cli", "study", "run", str(spec_path), "--storage", storage,
-            "--tracking-uri", uri] + (["--quiet"] if s.quiet else []) + ([] if s.report else _no_report())
+            "--tracking-uri", uri] + (["--quiet"] if s.quiet else []) + ([] if s.report else ["--no-report"])
     launched, exited, cpu = _launch(args, work, _env(s, stores / "mlruns"), work / f"{name}.log")
     return {**timeline(launched, exited, study_trials(name, storage, uri, s.epochs)), "cpu": cpu}
-
-
-def _no_report() -> list[str]:
-    """`--no-report` where `study run` builds a report when it completes the study (tables and plots:
-    a product of the study, not orchestration; `report=True` times it too)."""
-    from .study_cli import run_cmd
-
-    return ["--no-report"] if any(p.name == "no_report" for p in run_cmd.params) else []
 
 
 def store_urls(stores: Path) -> tuple[str, str]:

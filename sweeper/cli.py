@@ -49,7 +49,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir, no_track, as_json):
     """Train one CONFIG (YAML; defaults when omitted) and log it to MLflow."""
-    from .run import run_training
+    from .run import run_training, silent_rank
 
     try:
         result, run_id, uri = run_training(config, list(overrides), tracking_uri=tracking_uri, experiment=experiment,
@@ -57,7 +57,7 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
                                            quiet=as_json)
     except user_errors() as err:
         raise CLIError(str(err)) from None
-    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0 trains silently; rank 0 reports
+    if silent_rank():
         return
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri}))

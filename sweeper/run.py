@@ -133,6 +133,11 @@ def progress_bar(epochs: int, enabled: bool = True):
         yield (on_progress, on_epoch_line, bar.console.print)
 
 
+def silent_rank() -> bool:
+    """A torchrun rank other than 0: it trains its worker; rank 0 prints and tracks."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def run_training(config_path, overrides, tracking_uri=None, experiment="sweeper-train", run_name=None,
                  checkpoint_dir=None, track=True, quiet=False):
     """Validate, open the MLflow run, train with a progress bar, log everything. Returns
@@ -141,7 +146,7 @@ def run_training(config_path, overrides, tracking_uri=None, experiment="sweeper-
     from trainers.train import train
 
     cfg = TrainConfig.from_yaml(config_path, overrides)  # fails before anything is created
-    if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: it trains, rank 0 reports
+    if silent_rank():
         track, quiet = False, True
     logger, run_id, uri = None, None, None
     if track:

@@ -220,6 +220,16 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def ranked_checkpoints(directory: Path) -> dict[int, dict[int, Path]]:
+    """rank -> epoch -> file of the dist backend's `checkpoint.rank<r>.epoch<e>.pt` in `directory`."""
+    found: dict[int, dict[int, Path]] = {}
+    for path in directory.glob("checkpoint.rank*.epoch*.pt"):
+        rank, _, epoch = path.name[len("checkpoint.rank"):-len(".pt")].partition(".epoch")
+        if rank.isdigit() and epoch.isdigit():
+            found.setdefault(int(rank), {})[int(epoch)] = path
+    return found
+
+
 class Checkpoints:
     """Where a run's checkpoints live.
 
@@ -233,13 +243,7 @@ class Checkpoints:
         self.group = group if getattr(group, "spans_processes", False) else None
 
     def _mine(self) -> dict[int, Path]:
-        rank = self.group.rank
-        found = {}
-        for path in self.directory.glob(f"checkpoint.rank{rank}.epoch*.pt"):
-            epoch = path.name[len(f"checkpoint.rank{rank}.epoch"):-len(".pt")]
-            if epoch.isdigit():
-                found[int(epoch)] = path
-        return found
+        return ranked_checkpoints(self.directory).get(self.group.rank, {})
 
     def load(self, cfg: TrainConfig, device: torch.device) -> dict | None:
         if self.group is None:
@@ -271,15 +275,11 @@ def checkpoint_history(directory: str | Path) -> list[EpochReport]:
     directory = Path(directory)
     path = directory / CHECKPOINT
     if not path.exists():
-        epochs: dict[str, set[int]] = {}
-        for found in directory.glob("checkpoint.rank*.epoch*.pt"):
-            rank, _, epoch = found.name[len("checkpoint.rank"):-len(".pt")].partition(".epoch")
-            if rank.isdigit() and epoch.isdigit():
-                epochs.setdefault(rank, set()).add(int(epoch))
-        common = set.intersection(*epochs.values()) if "0" in epochs else set()
+        ranks = ranked_checkpoints(directory)
+        common = set.intersection(*map(set, ranks.values())) if 0 in ranks else set()
         if not common:
             return []
-        path = directory / f"checkpoint.rank0.epoch{max(common)}.pt"
+        path = ranks[0][max(common)]
     payload = torch.load(path, map_location="cpu", weights_only=False)
     return [EpochReport(**r) for r in payload["history"]]
 
