@@ -90,8 +90,14 @@ class TrackedRun:
         if restored:
             self.logger.backfill([(r.epoch, r.metrics()) for r in restored], key="epoch_time")
 
-    def epoch(self, report) -> None:
-        self.logger.log_metrics(report.metrics(), step=report.epoch)
+    def epoch(self, report, once: bool = False) -> None:
+        """Log one epoch; with `once`, only if the run lacks it. A retried trial's run may hold epochs
+        its checkpoint does not: train() reports an epoch while its checkpoint is still being written,
+        so a kill in that window leaves the epoch in MLflow and the retry trains and reports it again."""
+        if once:
+            self.logger.backfill([(report.epoch, report.metrics())], key="epoch_time")
+        else:
+            self.logger.log_metrics(report.metrics(), step=report.epoch)
 
     def finish(self, result, tags: dict, title: str) -> None:
         log_result(self.logger, result, self.run_id, stage=self.stage, once=True)

@@ -18,6 +18,7 @@ toward the budget, TPE learns to avoid the region, and it is never retried. FAIL
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -620,7 +621,7 @@ class Runner:
             t = time.perf_counter()
             try:
                 reports.append(report)
-                run.epoch(report)
+                run.epoch(report, once=first != trial.number)
                 on_line(report)
                 self._record_run(trial, run)
                 self._report(trial, report, prune=True)
@@ -940,12 +941,14 @@ def run(spec: StudySpec, storage: str | None = None, tracking_uri: str | None = 
             stored_uri = None
             if spec.name in study_names(store):  # the tracking URI the study was created with
                 stored_uri = optuna.load_study(study_name=spec.name, storage=store).user_attrs.get(A_TRACKING)
+            uri = tracking.tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or stored_uri)
+            tracking.check_server(uri)  # a dead server is an error now, before anything is created
+            # All MLflow work happens in this child process. Started before the trainer's import, so that
+            # its own imports (MLflow: ~2.5 s of CPU) run beside that one rather than beside the first trial.
+            client = tracking.Courier(uri, state_dir() / "spool")
             t_import = time.perf_counter()
             import trainers.train  # noqa: F401 - the trainer's import (torch) is not orchestration: timed apart
             import_time = time.perf_counter() - t_import
-            uri = tracking.tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or stored_uri)
-            tracking.check_server(uri)  # a dead server is an error now, before anything is created
-            client = tracking.Courier(uri, state_dir() / "spool")  # all MLflow work happens in this child process
             skip: set[int] = set()
             study = open_study(spec, store, skip)
             if study.user_attrs.get(A_TRACKING) != client.tracking_uri:
@@ -965,6 +968,13 @@ def run(spec: StudySpec, storage: str | None = None, tracking_uri: str | None = 
                     echo(f"study {spec.name} is ready: {runner.remaining()} trial(s) to run (join it with "
                          f"`sweeper worker {spec.name}` on each machine, or `sweeper study resume {spec.name}`)")
             else:
+                # What setup loaded (torch, Optuna, SQLAlchemy, rich: ~260k objects the collector tracks,
+                # ~190k of them torch's) lives as long as the study's process: out of the collector's sight
+                # for good, every collection during the trials, and the one at exit, is cheaper. Measured
+                # on the first optimizer of a process (torch imports dynamo then): 1.04-1.10 s in a bare
+                # script, 1.22-1.24 s with the study's modules loaded, 0.90-0.97 s with them frozen; and
+                # `sweeper bench --study` exits ~0.8 s later when they are unfrozen after the trials.
+                gc.freeze()
                 with _interrupts(runner):
                     study.optimize(runner, n_trials=n_trials, catch=(Exception,), callbacks=[runner.after_trial],
                                    gc_after_trial=False)

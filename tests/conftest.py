@@ -2,6 +2,7 @@
 and a working directory per test (the local state lives in ./mlruns)."""
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -30,6 +31,14 @@ TINY_BASE = {
     "batch_size": 32,
     "device": "cpu",
 }
+
+
+@pytest.fixture(autouse=True)
+def _collectable_again():
+    """`study.run` freezes the objects alive before its trials (for a study's process, which ends with its
+    study); this process runs many studies, so each test gives them back to the collector."""
+    yield
+    gc.unfreeze()
 
 
 def free_port() -> int:

@@ -168,6 +168,46 @@ def test_ctrl_c_requeues_the_trial_and_resume_continues_it(tracked, mlflow_serve
     assert all(steps(client, r.info.run_id) == [1, 2] for r in runs)
 
 
+def test_an_epoch_reported_before_its_checkpoint_landed_is_not_logged_twice(tracked, mlflow_server, monkeypatch):
+    """train() reports an epoch while a thread still writes its checkpoint. A stop in that window leaves
+    the epoch in MLflow but not on disk: the retry trains it again and must not log it a second time."""
+    workdir = tracked
+    import importlib
+
+    train_module = importlib.import_module("trainers.train")
+    real_train, real_save = train_module.train, train_module.save_checkpoint
+    calls = []
+
+    def lost_write(path, payload):  # the second trial's checkpoint of epoch 1 never lands
+        if not (len(calls) == 2 and len(payload["history"]) == 1):
+            real_save(path, payload)
+
+    def interrupted_train(cfg, on_epoch=None, **kw):
+        calls.append(cfg.optim.lr)
+
+        def hook(report):
+            on_epoch(report)
+            if len(calls) == 2 and report.epoch == 1:
+                raise KeyboardInterrupt
+        return real_train(cfg, on_epoch=hook, **kw)
+
+    spec = write_spec(workdir / "w.yaml", "w", grid={"optim.lr": [0.05, 0.1]})
+    monkeypatch.setattr(train_module, "train", interrupted_train)
+    monkeypatch.setattr(train_module, "save_checkpoint", lost_write)
+    with pytest.raises(st.Interrupted):
+        run(spec)
+    client = MlflowClient(mlflow_server.uri)
+    assert steps(client, run_of(client, "w", 1).info.run_id) == [1]
+    assert not (workdir / "mlruns" / "checkpoints" / "w" / "1" / "checkpoint.pt").exists()
+
+    monkeypatch.setattr(train_module, "train", real_train)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    out, lines = run(spec)
+    assert len(trials(out, TrialState.COMPLETE)) == 2
+    (run_id,) = {run_of(client, "w", 1).info.run_id}
+    assert steps(client, run_id) == [1, 2] and steps(client, run_id, "train_loss") == [1, 2]
+
+
 def test_tune_stops_at_the_budget_of_finished_trials(tracked):
     workdir = tracked
     spec = write_spec(workdir / "t.yaml", "t", kind="tune", grid={}, budget=3,

@@ -66,6 +66,15 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, overrides):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_failed_checkpoint_write_fails_the_run(tmp_path, epochs):
+    """Checkpoints are written by a thread while training goes on; its error still reaches the caller,
+    at the next epoch's save or when train() ends."""
+    (tmp_path / "checkpoint.tmp").mkdir()  # torch.save cannot write its temporary file
+    with pytest.raises((RuntimeError, OSError), match="[Ii]s a directory"):
+        train(tiny(epochs=epochs), checkpoint_dir=tmp_path, log=quiet)
+
+
 def test_finished_checkpoint_is_not_trained_again(tmp_path):
     cfg = tiny()
     first = train(cfg, checkpoint_dir=tmp_path, log=quiet)

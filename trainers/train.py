@@ -8,9 +8,11 @@ runners in `engine.py`. A runner has `train_epoch(epoch) -> dict`, `eval_model()
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -230,6 +232,20 @@ def ranked_checkpoints(directory: Path) -> dict[int, dict[int, Path]]:
     return found
 
 
+def snapshot(obj):
+    """A copy of a checkpoint payload that the next steps cannot change: tensors copied to the CPU (a GPU
+    state is not doubled on the GPU; torch.save would copy it to the CPU anyway; loading maps it back),
+    containers rebuilt, anything else deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, snapshot(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        items = [snapshot(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return copy.deepcopy(obj)
+
+
 class Checkpoints:
     """Where a run's checkpoints live.
 
@@ -241,6 +257,8 @@ class Checkpoints:
     def __init__(self, directory: str | Path, group=None):
         self.directory = Path(directory)
         self.group = group if getattr(group, "spans_processes", False) else None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def _mine(self) -> dict[int, Path]:
         return ranked_checkpoints(self.directory).get(self.group.rank, {})
@@ -259,13 +277,33 @@ class Checkpoints:
 
     def save(self, payload: dict, epoch: int) -> None:
         if self.group is None:
-            save_checkpoint(self.directory / CHECKPOINT, payload)
+            # A copy of this moment's state, serialized and written by a thread while the next epoch
+            # trains (LeNet-5 + momentum, 6.4 MB: the copy takes ~1 ms, torch.save to the file 12 ms on
+            # this host). One write at a time, in epoch order.
+            copied = snapshot(payload)
+            self.flush()
+            self._writer = self._writer or ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+            self._pending = self._writer.submit(save_checkpoint, self.directory / CHECKPOINT, copied)
             return
         save_checkpoint(self.directory / f"checkpoint.rank{self.group.rank}.epoch{epoch}.pt", payload)
         self.group.barrier()
         for old, path in self._mine().items():
             if old != epoch:
                 path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Wait for the last save to be on disk; raises its error (a full disk) if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
 
 
 def checkpoint_history(directory: str | Path) -> list[EpochReport]:
@@ -377,35 +415,39 @@ def _train(cfg: TrainConfig, device: torch.device, group, on_epoch: EpochCallbac
         status = payload["status"]
         log(f"resuming from {checkpoints.directory} after epoch {len(history)}")
 
-    while status == "completed" and len(history) < cfg.epochs:
-        epoch = len(history)
-        sync(device)
-        t0 = time.perf_counter()
-        try:
-            stats = runner.train_epoch(epoch)
-        except Diverged as why:
-            log(f"epoch {epoch + 1}: diverged ({why})")
-            status = "diverged"
-            stats = {"train_loss": math.nan, "train_acc": math.nan, "images": 0.0, "lr": math.nan}
-        sync(device)
-        epoch_time = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        eval_loss, eval_acc = (math.nan, math.nan)
-        if status == "completed":
-            model = runner.eval_model()  # under dist a collective: every rank takes part
-            if reports:
-                eval_loss, eval_acc = evaluate(model, runner.batcher, cfg, device)
-        extra = {k: v for k, v in stats.items() if k not in ("train_loss", "train_acc", "images", "lr")}
-        report = EpochReport(epoch=epoch + 1, train_loss=stats["train_loss"], train_acc=stats["train_acc"],
-                             eval_loss=eval_loss, eval_acc=eval_acc, lr=stats["lr"], epoch_time=epoch_time,
-                             eval_time=time.perf_counter() - t1,
-                             images_per_sec=stats["images"] / epoch_time if epoch_time > 0 else 0.0, extra=extra)
-        history.append(report)
+    try:
+        while status == "completed" and len(history) < cfg.epochs:
+            epoch = len(history)
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                stats = runner.train_epoch(epoch)
+            except Diverged as why:
+                log(f"epoch {epoch + 1}: diverged ({why})")
+                status = "diverged"
+                stats = {"train_loss": math.nan, "train_acc": math.nan, "images": 0.0, "lr": math.nan}
+            sync(device)
+            epoch_time = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            eval_loss, eval_acc = (math.nan, math.nan)
+            if status == "completed":
+                model = runner.eval_model()  # under dist a collective: every rank takes part
+                if reports:
+                    eval_loss, eval_acc = evaluate(model, runner.batcher, cfg, device)
+            extra = {k: v for k, v in stats.items() if k not in ("train_loss", "train_acc", "images", "lr")}
+            report = EpochReport(epoch=epoch + 1, train_loss=stats["train_loss"], train_acc=stats["train_acc"],
+                                 eval_loss=eval_loss, eval_acc=eval_acc, lr=stats["lr"], epoch_time=epoch_time,
+                                 eval_time=time.perf_counter() - t1,
+                                 images_per_sec=stats["images"] / epoch_time if epoch_time > 0 else 0.0, extra=extra)
+            history.append(report)
+            if checkpoints is not None:
+                checkpoints.save({"config": cfg.to_dict(), "status": status, "history": [asdict(r) for r in history],
+                                  "runner": runner.state_dict(), "rng": rng_state(device)}, len(history))
+            if on_epoch is not None:
+                on_epoch(report)
+    finally:
         if checkpoints is not None:
-            checkpoints.save({"config": cfg.to_dict(), "status": status, "history": [asdict(r) for r in history],
-                              "runner": runner.state_dict(), "rng": rng_state(device)}, len(history))
-        if on_epoch is not None:
-            on_epoch(report)
+            checkpoints.close()  # the last epoch's checkpoint is on disk when train() returns or raises
 
     totals = runner.totals() if hasattr(runner, "totals") else {}
     state = runner.algorithm_state() if hasattr(runner, "algorithm_state") else {}
