@@ -45,8 +45,10 @@ A_UID = "sweeper.uid"
 A_COMPLETED = "sweeper.completed"
 # Trial user attrs
 T_RUN, T_WORKER, T_ERROR = "sweeper.mlflow_run_id", "sweeper.worker", "sweeper.error"
-T_SKIPPED = "sweeper.skipped"  # a trial that found its grid point taken by another worker (not a failure)
+T_SKIPPED = "sweeper.skipped"  # a trial that found its grid point (or the budget) taken by other workers: not a failure
 NOTHING_LEFT = "no grid point left (the others run elsewhere)"
+BUDGET_TAKEN = "the budget is met"
+RETRY_FIRST = "a queued retry of a stopped trial runs first"
 T_RESULT = "sweeper.result"  # {status, summary, curves}: one attr, one commit (each costs ~10 ms here)
 # Trial system attrs: the first two are the ones Optuna's RetryHeartbeatStaleTrialCallback writes, so
 # `RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)` reads our retries too.
@@ -510,6 +512,7 @@ class Runner:
         self.report_path: Path | None = None  # the report this worker built when it completed the study
         self.runs: list = []  # TrackedRun of every trial of this call, delivered at the end
         self.ran, self.train_time, self.fails_in_row, self.callback_time = 0, 0.0, 0, 0.0
+        self.completed = 0  # of `ran`: trials that finished (COMPLETE or PRUNED), not skipped or failed ones
         self.current: tuple[int, int] | None = None  # (trial id, number) while a trial runs
         self.in_trial = False  # inside the objective (Ctrl-C interrupts at once)
         self.stop_requested = False  # Ctrl-C between two trials (acted on at the next safe point)
@@ -520,6 +523,7 @@ class Runner:
         # MLflow runs are found again by this key (plus the trial's origin): unique per Optuna study, so a
         # namesake study in another storage, or one deleted and created again, never reuses these runs.
         self.key = f"{spec.name}/{study.user_attrs.get(A_UID, 'study')}"
+        self.parent_recorded = study.user_attrs.get(A_PARENT)  # the parent run the study names (a query: once)
         self.parent = self._open_parent()
         self.prunes = spec.kind == "tune" and spec.pruner.name != "none"
         self.last_progress = progress(study, spec)  # for the next trial's header; refreshed after each
@@ -530,7 +534,7 @@ class Runner:
         from trainers.config import TrainConfig
 
         spec, study = self.spec, self.study
-        logger = tracking.logger_for(self.client, study.user_attrs.get(A_PARENT),
+        logger = tracking.logger_for(self.client, self.parent_recorded,
                                      create={"experiment": spec.name, "run_name": f"study {spec.name}",
                                              "key": f"{self.key}/study",
                                              "tags": {"sweeper.kind": "study", "sweeper.study": spec.name}})
@@ -563,8 +567,9 @@ class Runner:
         return self.parent.run_id
 
     def _record_parent(self) -> None:
-        if self.parent.run_id and self.study.user_attrs.get(A_PARENT) != self.parent.run_id:
+        if self.parent.run_id and self.parent_recorded != self.parent.run_id:
             self.study.set_user_attr(A_PARENT, self.parent.run_id)
+            self.parent_recorded = self.parent.run_id
 
     # -- one trial --------------------------------------------------------------------------------------
 
@@ -596,6 +601,9 @@ class Runner:
         frozen = storage.get_trial(trial._trial_id)
         if spec.kind == "grid" and not frozen.user_attrs.get(T_SKIPPED) and self._taken(frozen):
             storage.set_trial_user_attr(trial._trial_id, T_SKIPPED, "another worker runs this grid point")
+            frozen = storage.get_trial(trial._trial_id)
+        elif spec.kind == "tune" and (why := self._budget_full(frozen)):
+            storage.set_trial_user_attr(trial._trial_id, T_SKIPPED, why)
             frozen = storage.get_trial(trial._trial_id)
         if frozen.user_attrs.get(T_SKIPPED):
             raise RuntimeError(frozen.user_attrs[T_SKIPPED])
@@ -728,6 +736,34 @@ class Runner:
                 return True
         return False
 
+    def _budget_full(self, frozen, poll: float = 2.0) -> str | None:
+        """Why this tune trial should not run (None: it runs). N workers would otherwise each start one
+        more trial when one is missing from the budget, and finish up to N-1 over it.
+
+        Finished trials count, and so do those ahead of this one: running with a lower number (of two
+        trials that look at once the lower one runs, so the budget's last trial is never skipped by both)
+        or queued retries. While the budget is full only if the running ones finish, this trial waits and
+        looks again: one failing, or going stale (its worker killed), leaves room for it. A queued retry
+        goes first: this trial is skipped and its worker's next trial is that retry. A retry always runs."""
+        from optuna.trial import TrialState
+
+        if origin(frozen) != frozen.number:
+            return None
+        budget, storage = self.spec.budget, self.study._storage
+        while True:
+            trials = storage.get_all_trials(self.study._study_id, deepcopy=False)
+            done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+            ahead = sum(t.state == TrialState.RUNNING and t.number < frozen.number for t in trials)
+            queued = sum(t.state == TrialState.WAITING for t in trials)
+            if done >= budget:
+                return BUDGET_TAKEN
+            if done + ahead + queued < budget:
+                return None
+            if queued:
+                return RETRY_FIRST
+            time.sleep(poll)
+            recover(self.study, self.spec.heartbeat.max_retry)  # a dead worker's trial: failed, queued again
+
     def _report(self, trial, report, prune: bool) -> None:
         import optuna
 
@@ -788,6 +824,7 @@ class Runner:
             what = f"FAIL: {frozen.user_attrs.get(T_ERROR, 'see the log above')}"
         else:
             self.fails_in_row = 0
+            self.completed += 1
             status = status_of(frozen)
             value = "diverged" if status == "diverged" else f"{metric} {frozen.value:.4g}"
             what = f"{frozen.state.name} {value}" + (f" at epoch {frozen.last_step}" if status == "pruned" else "")
@@ -797,7 +834,7 @@ class Runner:
         if prog.best:
             numbers["best_value"] = prog.best[1]
         self.parent.log_metrics(numbers, step=frozen.number)
-        if prog.remaining == 0 or frozen.user_attrs.get(T_SKIPPED) == NOTHING_LEFT:
+        if prog.remaining == 0 or frozen.user_attrs.get(T_SKIPPED) in (NOTHING_LEFT, BUDGET_TAKEN):
             study.stop()  # (points still running elsewhere are those workers' to finish)
         elif self.spec.kind == "tune" and self.fails_in_row >= MAX_CONSECUTIVE_FAILURES:
             self.echo(f"{self.fails_in_row} trials failed in a row; stopping (fix the cause, then resume)")
@@ -987,7 +1024,7 @@ def run(spec: StudySpec, storage: str | None = None, tracking_uri: str | None = 
                 client.shutdown(5.0)
             if study is None:
                 raise Interrupted(f"interrupted before study {spec.name} was opened; nothing ran") from None
-            raise Interrupted(f"interrupted; {runner.ran if runner else 0} trial(s) finished in this run. Resume "
+            raise Interrupted(f"interrupted; {runner.completed if runner else 0} trial(s) finished in this run. Resume "
                               f"with: sweeper study resume {spec.name}") from None
     t_close = time.perf_counter()
     try:

@@ -171,6 +171,36 @@ def test_rank_errors_reach_the_caller_with_their_type(tmp_path):
               checkpoint_dir=tmp_path, log=lambda _: None)
 
 
+def test_a_rank_that_dies_fails_the_run_after_what_it_sent_is_delivered():
+    """A rank that exits without a word fails the run, but only once what the ranks sent before has been
+    delivered: a report that arrives after the death was noticed still reaches its callback, and an error
+    report behind it wins over the bare exit code."""
+    import queue
+    from types import SimpleNamespace
+
+    from trainers.launch import relay
+
+    class Feed:  # the relay's queue: None is a poll that timed out
+        def __init__(self, *items):
+            self.items = list(items)
+
+        def get(self, timeout):
+            item = self.items.pop(0) if self.items else None
+            if item is None:
+                raise queue.Empty
+            return item
+
+    ranks = [SimpleNamespace(exitcode=None, join=lambda: None), SimpleNamespace(exitcode=-9, join=lambda: None)]
+    epochs, lines = [], []
+    late = Feed(None, ("epoch", "report 1"), ("log", "a line"), ("error", (1, None, "Traceback: out of memory")))
+    with pytest.raises(RuntimeError, match="rank 1 failed:\nTraceback: out of memory"):
+        relay(ranks, late, epochs.append, None, lines.append)
+    assert epochs == ["report 1"] and lines == ["a line"]
+    with pytest.raises(RuntimeError, match="rank 1 exited with code -9"):
+        relay(ranks, Feed(None, ("epoch", "report 2"), None), epochs.append, None, lines.append)
+    assert epochs == ["report 1", "report 2"]
+
+
 def test_dist_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="larger than"):  # checked before any process starts
         train(config(2, "dist", **{"distributed.algorithm": "local", "batch_size": 256}), log=lambda _: None)

@@ -148,7 +148,7 @@ def test_ctrl_c_requeues_the_trial_and_resume_continues_it(tracked, mlflow_serve
 
     spec = write_spec(workdir / "c.yaml", "c", grid={"optim.lr": [0.05, 0.1, 0.2]})
     monkeypatch.setattr(train_module, "train", interrupted_train)
-    with pytest.raises(st.Interrupted, match="sweeper study resume c"):
+    with pytest.raises(st.Interrupted, match=r"1 trial\(s\) finished in this run. Resume with: sweeper study resume c"):
         run(spec)
     study = optuna.load_study(study_name="c", storage=st.storage_url())
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]

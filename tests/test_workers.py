@@ -71,6 +71,70 @@ def test_a_grid_point_taken_twice_goes_to_the_lower_trial(workdir):
     assert st.Runner._taken(runner, storage.get_trial(newer), settle=0.3) is True  # (by `higher`)
 
 
+def test_a_tune_budget_is_not_overshot_by_concurrent_workers(workdir):
+    """Budget 3, 1 trial finished, trials a < b < c running in three workers: a and b run; c would be one
+    too many if they finish, so it waits, and runs if one of them fails, or is skipped (its worker stops)
+    once they finish. A queued retry goes before a new trial; a retry itself always runs."""
+    spec = StudySpec.from_dict({"name": "budget", "kind": "tune", "base": TINY_BASE, "budget": 3,
+                                "search": {"optim.lr": {"low": 0.01, "high": 0.2, "log": True}}})
+    study = st.open_study(spec, st.open_storage())
+    storage = study._storage
+    study.tell(study.ask(), 1.0)
+    a, b, c = (storage.create_new_trial(study._study_id) for _ in range(3))
+    runner = SimpleNamespace(study=study, spec=spec)
+    looks = []
+    real = storage.get_all_trials
+
+    def counted(*args, **kw):
+        looks.append(1)
+        return real(*args, **kw)
+
+    storage.get_all_trials = counted
+
+    def full(trial_id, then=None):  # `then` happens while the trial waits (after its first look)
+        looks.clear()
+        if then is not None:
+            def act():
+                while not looks:
+                    time.sleep(0.01)
+                then()
+            threading.Thread(target=act).start()
+        return st.Runner._budget_full(runner, storage.get_trial(trial_id), poll=0.05)
+
+    assert full(a) is None and full(b) is None
+    assert full(c, then=lambda: storage.set_trial_state_values(a, TrialState.FAIL)) is None and len(looks) > 1
+    d = storage.create_new_trial(study._study_id)
+    assert full(d, then=lambda: [storage.set_trial_state_values(t, TrialState.COMPLETE, [1.0]) for t in (b, c)]) \
+        == st.BUDGET_TAKEN
+
+    retry = storage.create_new_trial(study._study_id)  # (the budget is met, but a retry always runs)
+    storage.set_trial_system_attr(retry, st.S_ORIGIN, storage.get_trial(a).number)
+    assert full(retry) is None
+
+    other = st.open_study(StudySpec.from_dict({**spec.to_dict(), "name": "queued"}), st.open_storage())
+    other.tell(other.ask(), 1.0)
+    other._storage.create_new_trial(other._study_id)  # running ahead
+    stopped = other._storage.create_new_trial(other._study_id)
+    other._storage.set_trial_state_values(stopped, TrialState.FAIL)
+    st.requeue(other, other._storage.get_trial(stopped))  # its retry waits for a worker
+    new = other._storage.get_trial(other._storage.create_new_trial(other._study_id))
+    runner.study = other
+    assert st.Runner._budget_full(runner, new) == st.RETRY_FIRST
+
+
+def test_two_workers_finish_a_tune_budget_exactly(workdir):
+    """Without the rule above, two workers that reach the budget's last trial together both run one."""
+    spec = write_spec(workdir / "t.yaml", "t2", kind="tune", grid={}, budget=3,
+                      search={"optim.lr": {"low": 0.01, "high": 0.2, "log": True}}, sampler={"seed": 0},
+                      pruner={"name": "none"})
+    proc = subprocess.run(sweeper_cmd("study", "run", str(spec), "--workers", "2", "--quiet", "--no-report"),
+                          cwd=workdir, env=subprocess_env(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    study = optuna.load_study(study_name="t2", storage=f"sqlite:///{workdir / 'mlruns' / 'optuna.db'}")
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3, [t.state for t in study.trials]
+    assert {t.user_attrs.get(st.T_SKIPPED) for t in study.trials} <= {None, st.BUDGET_TAKEN}
+
+
 def test_storages_workers_cannot_share_and_the_worker_environment(monkeypatch):
     with pytest.raises(SpecError, match="in-memory SQLite database, which other processes cannot open"):
         check_storage("sqlite://", 2)

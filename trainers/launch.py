@@ -75,25 +75,7 @@ def launch(cfg: TrainConfig, on_epoch, checkpoint_dir, on_progress, log):
     try:
         for p in ranks:
             p.start()
-        while True:
-            try:
-                message = messages.get(timeout=POLL_S)
-            except queue.Empty:
-                _check_alive(ranks, messages)
-                continue
-            kind, payload = message
-            if kind == "epoch" and on_epoch is not None:
-                on_epoch(payload)
-            elif kind == "progress" and on_progress is not None:
-                on_progress(*payload)
-            elif kind == "log":
-                log(payload)
-            elif kind == "error":
-                raise _rebuild(*payload)
-            elif kind == "result":
-                for p in ranks:
-                    p.join()
-                return payload
+        return relay(ranks, messages, on_epoch, on_progress, log)
     finally:
         for p in ranks:
             if p.is_alive():
@@ -102,23 +84,45 @@ def launch(cfg: TrainConfig, on_epoch, checkpoint_dir, on_progress, log):
             p.join()
 
 
+def relay(ranks, messages, on_epoch, on_progress, log):
+    """Pass the ranks' messages to the callbacks until rank 0's result. A rank that died without a word
+    (killed, out of memory) fails the run instead of hanging it; what the ranks sent before is still
+    delivered first (an error report among it wins over the bare exit code)."""
+    dead: RuntimeError | None = None
+    while True:
+        try:
+            message = messages.get(timeout=POLL_S)
+        except queue.Empty:
+            if dead is not None:  # the queue stayed empty for POLL_S after the death: nothing more comes
+                raise dead from None
+            dead = _dead_rank(ranks)
+            continue
+        kind, payload = message
+        if kind == "epoch" and on_epoch is not None:
+            on_epoch(payload)
+        elif kind == "progress" and on_progress is not None:
+            on_progress(*payload)
+        elif kind == "log":
+            log(payload)
+        elif kind == "error":
+            raise _rebuild(*payload)
+        elif kind == "result":
+            for p in ranks:
+                p.join()
+            return payload
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _check_alive(ranks, messages) -> None:
-    """A rank that died without a word (killed, out of memory) fails the run instead of hanging it."""
+def _dead_rank(ranks) -> RuntimeError | None:
     for r, p in enumerate(ranks):
         if p.exitcode not in (None, 0):
-            try:  # an error report sent just before the exit wins
-                kind, payload = messages.get(timeout=POLL_S)
-                if kind == "error":
-                    raise _rebuild(*payload)
-            except queue.Empty:
-                pass
-            raise RuntimeError(f"distributed.backend dist: rank {r} exited with code {p.exitcode}")
+            return RuntimeError(f"distributed.backend dist: rank {r} exited with code {p.exitcode}")
+    return None
 
 
 def _rebuild(rank: int, blob: bytes | None, text: str) -> BaseException:
