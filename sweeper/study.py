@@ -744,11 +744,10 @@ class Runner:
         trials that look at once the lower one runs, so the budget's last trial is never skipped by both)
         or queued retries. While the budget is full only if the running ones finish, this trial waits and
         looks again: one failing, or going stale (its worker killed), leaves room for it. A queued retry
-        goes first: this trial is skipped and its worker's next trial is that retry. A retry always runs."""
+        goes first: this trial is skipped and its worker's next trial is that retry (which looks in turn:
+        a retry of a trial stopped while it waited here does not run once the budget is met)."""
         from optuna.trial import TrialState
 
-        if origin(frozen) != frozen.number:
-            return None
         budget, storage = self.spec.budget, self.study._storage
         while True:
             trials = storage.get_all_trials(self.study._study_id, deepcopy=False)
