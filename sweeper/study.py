@@ -618,8 +618,11 @@ class Runner:
         restored = restored_history(ckpt)
         run.start(cfg, {"optuna.trial_number": trial.number, "optuna.state": "RUNNING", "sweeper.point": spec.label(params)},
                   restored)
+        # Epochs Optuna holds for this trial: a retry carries those its stopped attempt reported (some
+        # maybe past its checkpoint, trained again now: their first value stays, as for the MLflow run).
+        reported = set(frozen.intermediate_values)
         for r in restored:  # epochs the killed attempt checkpointed but may not have reported
-            self._report(trial, r, prune=False)
+            self._report(trial, r, reported, prune=False)
         prog = self.last_progress
         resumed = f" (retry of trial {first}, from epoch {len(restored)})" if first != trial.number else ""
         self.echo(f"trial {trial.number} [{min(prog.done + 1, prog.total)}/{prog.total}] {spec.label(params)}{resumed}")
@@ -632,7 +635,7 @@ class Runner:
                 run.epoch(report, once=first != trial.number)
                 on_line(report)
                 self._record_run(trial, run)
-                self._report(trial, report, prune=True)
+                self._report(trial, report, reported, prune=True)
             finally:  # inside train() but ours: counted as orchestration
                 self.callback_time += time.perf_counter() - t
 
@@ -763,14 +766,15 @@ class Runner:
             time.sleep(poll)
             recover(self.study, self.spec.heartbeat.max_retry)  # a dead worker's trial: failed, queued again
 
-    def _report(self, trial, report, prune: bool) -> None:
+    def _report(self, trial, report, reported: set[int], prune: bool) -> None:
         import optuna
 
         value = report.metrics().get(self.spec.objective.metric)
         if value is None:
             return
-        if prune or report.epoch not in self.study._storage.get_trial(trial._trial_id).intermediate_values:
-            trial.report(value, report.epoch)  # a restored epoch may have been reported before the kill
+        if report.epoch not in reported:
+            trial.report(value, report.epoch)
+            reported.add(report.epoch)
         if prune and self.prunes and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {report.epoch}")
 
