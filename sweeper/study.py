@@ -599,14 +599,16 @@ class Runner:
         spec, storage = self.spec, self.study._storage
         trial.set_user_attr(T_WORKER, worker_id())
         frozen = storage.get_trial(trial._trial_id)
-        if spec.kind == "grid" and not frozen.user_attrs.get(T_SKIPPED) and self._taken(frozen):
-            storage.set_trial_user_attr(trial._trial_id, T_SKIPPED, "another worker runs this grid point")
-            frozen = storage.get_trial(trial._trial_id)
-        elif spec.kind == "tune" and (why := self._budget_full(frozen)):
-            storage.set_trial_user_attr(trial._trial_id, T_SKIPPED, why)
-            frozen = storage.get_trial(trial._trial_id)
-        if frozen.user_attrs.get(T_SKIPPED):
-            raise RuntimeError(frozen.user_attrs[T_SKIPPED])
+        skipped = frozen.user_attrs.get(T_SKIPPED)  # (the grid sampler's: no point left)
+        if not skipped:
+            if spec.kind == "grid" and self._taken(frozen):
+                skipped = "another worker runs this grid point"
+            elif spec.kind == "tune":
+                skipped = self._budget_full(frozen)
+            if skipped:
+                storage.set_trial_user_attr(trial._trial_id, T_SKIPPED, skipped)
+        if skipped:
+            raise RuntimeError(skipped)
         params = suggest(trial, spec)
         cfg = spec.config(params)
         first = origin(frozen)
@@ -837,7 +839,7 @@ class Runner:
         if prog.best:
             numbers["best_value"] = prog.best[1]
         self.parent.log_metrics(numbers, step=frozen.number)
-        if prog.remaining == 0 or frozen.user_attrs.get(T_SKIPPED) in (NOTHING_LEFT, BUDGET_TAKEN):
+        if prog.remaining == 0 or frozen.user_attrs.get(T_SKIPPED) == NOTHING_LEFT:  # (a met budget: remaining 0)
             study.stop()  # (points still running elsewhere are those workers' to finish)
         elif self.spec.kind == "tune" and self.fails_in_row >= MAX_CONSECUTIVE_FAILURES:
             self.echo(f"{self.fails_in_row} trials failed in a row; stopping (fix the cause, then resume)")

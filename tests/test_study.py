@@ -192,14 +192,14 @@ def test_an_epoch_reported_before_its_checkpoint_landed_is_not_logged_twice(trac
                 raise KeyboardInterrupt
         return real_train(cfg, on_epoch=hook, **kw)
 
-    spec = write_spec(workdir / "w.yaml", "w", grid={"optim.lr": [0.05, 0.1]})
+    spec = write_spec(workdir / "lost.yaml", "lost", grid={"optim.lr": [0.05, 0.1]})
     monkeypatch.setattr(train_module, "train", interrupted_train)
     monkeypatch.setattr(train_module, "save_checkpoint", lost_write)
     with pytest.raises(st.Interrupted):
         run(spec)
     client = MlflowClient(mlflow_server.uri)
-    assert steps(client, run_of(client, "w", 1).info.run_id) == [1]
-    assert not (workdir / "mlruns" / "checkpoints" / "w" / "1" / "checkpoint.pt").exists()
+    assert steps(client, run_of(client, "lost", 1).info.run_id) == [1]
+    assert not (workdir / "mlruns" / "checkpoints" / "lost" / "1" / "checkpoint.pt").exists()
 
     monkeypatch.setattr(train_module, "train", real_train)
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
@@ -208,7 +208,7 @@ def test_an_epoch_reported_before_its_checkpoint_landed_is_not_logged_twice(trac
         out, lines = run(spec)
     assert len(trials(out, TrialState.COMPLETE)) == 2
     assert all(sorted(t.intermediate_values) == [1, 2] for t in trials(out, TrialState.COMPLETE))
-    (run_id,) = {run_of(client, "w", 1).info.run_id}
+    (run_id,) = {run_of(client, "lost", 1).info.run_id}
     assert steps(client, run_id) == [1, 2] and steps(client, run_id, "train_loss") == [1, 2]
 
 
