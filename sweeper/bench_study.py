@@ -2,7 +2,7 @@
 
 The same N trial configs (a grid of N learning rates, each about `trial_seconds` of training) run as
 
-(a) a bare script: one Python process that imports the trainer and calls `trainers.train(cfg)` for each
+(a) a bare script: one Python process that imports the trainer and calls `trainers.train.train(cfg)` for each
     config, with no callback and no checkpoint (`python -m sweeper.bench_study --bare`);
 (b) the real command, end to end, as a user runs it: `python -m sweeper.cli study run SPEC` in its own
     process, with an Optuna SQLite storage and an MLflow SQLite store in a temporary directory,

@@ -23,10 +23,11 @@ class CLIError(click.ClickException):
 def user_errors():
     """Config, data and tracking problems become one clear line instead of a traceback."""
     from trainers.config import ConfigError
-    from trainers.data import DataNotFoundError
     from .tracking import TrackingError
 
-    return (ConfigError, DataNotFoundError, TrackingError)
+    errors = (ConfigError, TrackingError)
+    data = sys.modules.get("trainers.data")  # (not imported: no data error possible, and torch stays unloaded)
+    return errors + (data.DataNotFoundError,) if data is not None else errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -951,7 +951,7 @@ class Outcome:
     progress: Progress
     parent_run_id: str | None
     wall_time: float  # seconds of this call, from storage opened to everything delivered
-    train_time: float  # seconds spent inside trainers.train()
+    train_time: float  # seconds spent inside trainers.train.train()
     setup_time: float = 0.0  # of wall_time: before the first trial (storage, study, recovery)
     close_time: float = 0.0  # of wall_time: after the last trial (waiting for MLflow deliveries)
     import_time: float = 0.0  # importing the trainer (torch): not in wall_time, any training pays it

@@ -90,3 +90,26 @@ def test_bench_json_reports_rows_and_ratio(in_tmp):
     assert all(r["ratio_to_centralized"] > 0 for r in out["rows"][5:])
     assert out["speedup_vs_baseline"] > 0 and out["step_gflop"] > 0
     assert set(out["matmul_peak_gflops"]) == {"fp32", "bf16"}
+
+
+def test_reading_specs_and_studies_does_not_import_torch(in_tmp):
+    """Validating a spec, listing studies and a study's status need no torch (its import alone took
+    ~2 s of every `sweeper study list`); a study's run imports it after starting its MLflow courier."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from sweeper.cli import main\n"
+        "from sweeper.spec import load_spec\n"
+        f"for path in {sorted(str(p) for p in studies.glob('*.yaml'))!r}:\n"
+        "    load_spec(path)\n"
+        "for args in (['study', 'list'], ['study', 'status', 'nothing-here']):\n"
+        "    CliRunner().invoke(main, args)\n"
+        "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=in_tmp, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

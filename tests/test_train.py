@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from trainers import ConfigError, TrainConfig, train
+from trainers import ConfigError, TrainConfig
 from trainers.config import ModelConfig
 from trainers.models import build_model
-from trainers.train import CHECKPOINT
+from trainers.train import CHECKPOINT, train
 
 
 def quiet(_):
