@@ -22,12 +22,10 @@ class CLIError(click.ClickException):
 
 def user_errors():
     """Config, data and tracking problems become one clear line instead of a traceback."""
-    from trainers.config import ConfigError
+    from trainers.config import ConfigError, DataNotFoundError
     from .tracking import TrackingError
 
-    errors = (ConfigError, TrackingError)
-    data = sys.modules.get("trainers.data")  # (not imported: no data error possible, and torch stays unloaded)
-    return errors + (data.DataNotFoundError,) if data is not None else errors
+    return (ConfigError, DataNotFoundError, TrackingError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

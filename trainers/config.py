@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the dotted key."""
 
 
+class DataNotFoundError(RuntimeError):
+    """No source had the dataset; the message lists every place tried and how to get the data (raised
+    by `trainers.data`; defined here, beside ConfigError, so that catching it needs no torch)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 

@@ -21,13 +21,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trainers.config import DataConfig, SyntheticConfig
+from trainers.config import DataConfig, DataNotFoundError, SyntheticConfig
 
 Parts = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (train, test) of (x, y)
-
-
-class DataNotFoundError(RuntimeError):
-    """No source had the dataset; the message lists every place tried and how to get the data."""
 
 
 @dataclass
