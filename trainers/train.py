@@ -278,7 +278,7 @@ class Checkpoints:
     def save(self, payload: dict, epoch: int) -> None:
         if self.group is None:
             # A copy of this moment's state, serialized and written by a thread while the next epoch
-            # trains (LeNet-5 + momentum, 6.4 MB: the copy takes ~1 ms, torch.save to the file 12 ms on
+            # trains (LeNet-5 + momentum, 6.4 MB: the copy takes 1-2.5 ms, torch.save to the file 12 ms on
             # this host). One write at a time, in epoch order.
             copied = snapshot(payload)
             self.flush()
