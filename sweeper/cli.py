@@ -48,6 +48,13 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir, no_track, as_json):
     """Train one CONFIG (YAML; defaults when omitted) and log it to MLflow."""
+    if not no_track:  # an unusable tracking URI is an error at once, before torch's import (seconds)
+        from .uris import tracking_uri as resolve
+
+        try:
+            resolve(tracking_uri)
+        except user_errors() as err:
+            raise CLIError(str(err)) from None
     from .run import run_training, silent_rank
 
     try:
@@ -58,8 +65,10 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
         raise CLIError(str(err)) from None
     if silent_rank():
         return
+    from .uris import public
+
     if as_json:
-        click.echo(json.dumps({**result.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri}))
+        click.echo(json.dumps({**result.to_dict(), "mlflow_run_id": run_id, "tracking_uri": public(uri) or None}))
         return
     s = result.summary()
     click.echo(f"status {s['status']}: {s['epochs_completed']} epochs in {s['total_time']:.1f} s on {s['device']}")
@@ -67,7 +76,7 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
         click.echo(f"eval accuracy {s['final_eval_acc']:.2f}% (best {s['best_eval_acc']:.2f}%), eval loss "
                    f"{s['final_eval_loss']:.4f}, {s['mean_images_per_sec']:.0f} training images/s")
     if run_id:
-        click.echo(f"MLflow run {run_id} in experiment '{experiment}' at {uri}")
+        click.echo(f"MLflow run {run_id} in experiment '{experiment}' at {public(uri)}")
         if uri.startswith("sqlite:"):
             click.echo("see it in the UI: sweeper server  (then open http://127.0.0.1:5000)")
 
@@ -140,22 +149,36 @@ def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, wor
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-@click.option("--backend-store-uri", default=None, help="[default: sqlite:///mlruns/mlflow.db]")
+@click.option("--backend-store-uri", default=None, envvar="MLFLOW_BACKEND_STORE_URI", show_envvar=True,
+              help="The database MLflow stores runs in [default: sqlite:///mlruns/mlflow.db]. With a password "
+                   "in it, prefer the environment variable: `ps` shows arguments to every user.")
 def server(host, port, backend_store_uri):
     """Start a real MLflow tracking server + UI on the local store."""
-    import os
     from pathlib import Path
 
-    from .tracking import DEFAULT_TRACKING_URI, artifact_root, tracking_uri
+    from .tracking import DEFAULT_TRACKING_URI, TrackingError, artifact_root
+    from .uris import public, tracking_uri
 
-    uri = tracking_uri(backend_store_uri or DEFAULT_TRACKING_URI)
-    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    try:
+        uri = tracking_uri(backend_store_uri or DEFAULT_TRACKING_URI)
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else uri
+        if scheme in ("http", "https", "databricks"):
+            raise TrackingError(f"--backend-store-uri {public(uri)}: a server stores runs in a database "
+                                f"(sqlite:///PATH.db, postgresql://...), not in another server")
+        from .mlflow_store import prepare
+
+        prepare(uri)  # built aside and moved into place: a server killed at start leaves no half store
+    except TrackingError as err:
+        raise CLIError(str(err)) from None
+    # The store goes by environment (`mlflow server` reads MLFLOW_BACKEND_STORE_URI), not by argument:
+    # the URI may hold a password, and `ps` shows every process's arguments to every user.
+    args = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port)]
     root = artifact_root(uri)
     if root:
         Path(root[len("file://"):]).mkdir(parents=True, exist_ok=True)
         args += ["--default-artifact-root", root]
-    click.echo(f"MLflow UI at http://{host}:{port} (store {uri}); Ctrl-C stops it", err=True)
-    os.execv(sys.executable, args)
+    click.echo(f"MLflow UI at http://{host}:{port} (store {public(uri)}); Ctrl-C stops it", err=True)
+    os.execve(sys.executable, args, {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
 
 
 from .study_cli import study, worker  # noqa: E402

@@ -88,16 +88,16 @@ class TrackedRun:
         path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.logger.log_artifact(path)
         if restored:
-            self.logger.backfill([(r.epoch, r.metrics()) for r in restored], key="epoch_time")
+            self.logger.backfill([(r.epoch, r.metrics(finite=False)) for r in restored], key="epoch_time")
 
     def epoch(self, report, once: bool = False) -> None:
         """Log one epoch; with `once`, only if the run lacks it. A retried trial's run may hold epochs
         its checkpoint does not: train() reports an epoch while its checkpoint is still being written,
         so a kill in that window leaves the epoch in MLflow and the retry trains and reports it again."""
         if once:
-            self.logger.backfill([(report.epoch, report.metrics())], key="epoch_time")
+            self.logger.backfill([(report.epoch, report.metrics(finite=False))], key="epoch_time")
         else:
-            self.logger.log_metrics(report.metrics(), step=report.epoch)
+            self.logger.log_metrics(report.metrics(finite=False), step=report.epoch)
 
     def finish(self, result, tags: dict, title: str) -> None:
         log_result(self.logger, result, self.run_id, stage=self.stage, once=True)
@@ -168,7 +168,7 @@ def run_training(config_path, overrides, tracking_uri=None, experiment="sweeper-
         with progress_bar(cfg.epochs, enabled=not quiet) as (on_progress, on_epoch_line, log):
             def on_epoch(report) -> None:
                 if logger is not None:
-                    logger.log_metrics(report.metrics(), step=report.epoch)
+                    logger.log_metrics(report.metrics(finite=False), step=report.epoch)
                 on_epoch_line(report)
 
             result = train(cfg, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir, on_progress=on_progress, log=log)

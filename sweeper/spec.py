@@ -13,20 +13,21 @@ import difflib
 import itertools
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from trainers.config import ConfigError, TrainConfig, build, flatten, load_yaml
+from trainers.config import ConfigError, DistributedConfig, TrainConfig, build, coerce, flatten, load_yaml
+from trainers.results import all_metrics, metrics_for, reported_metrics
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # used in paths and MLflow experiment names
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # used in paths and MLflow experiment names (fullmatch)
 SEED_KEY = "seed"
 MAX_CORNERS = 512  # search spaces with more corner combinations are validated one dimension at a time
-# Metrics an objective may name: the EpochReport fields, the K-worker engine's per-epoch figures and the
-# result summary. Another name is accepted unless it looks like a typo of one of these.
-KNOWN_METRICS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "epoch_time", "eval_time",
-                 "images_per_sec", "compute_time", "compute_time_parallel", "comm_rounds", "comm_bytes",
-                 "comm_time_measured", "comm_time_modeled", "wall_time_modeled", "local_steps_mean",
-                 "local_steps", "total_time")
+# Metrics an objective may name: what a run reports (trainers.results.reported_metrics), which depends on
+# the config (the engine's figures need a K-worker distributed.algorithm). Checked for every grid point and
+# search corner, so that a study never starts trials that cannot have a value.
+KNOWN_METRICS = all_metrics()
+ALGORITHMS = typing.get_args(typing.get_type_hints(DistributedConfig)["algorithm"])
 
 
 class SpecError(ConfigError):
@@ -185,7 +186,7 @@ class StudySpec:
 
     def validate(self) -> None:
         where = self.source
-        if not NAME.match(self.name):
+        if not NAME.fullmatch(self.name):
             raise SpecError(f"{where}: name: {self.name!r} must be letters, digits, '_', '-' or '.' (it names "
                             "paths and the MLflow experiment)")
         _metric_check(self.objective.metric, where)
@@ -223,9 +224,10 @@ class StudySpec:
             encoded = [encode(v) for v in values]
             if len(set(map(json.dumps, encoded))) != len(encoded):
                 raise SpecError(f"{where}: grid.{key}: lists a value twice")
+        built = []
         for point in self.points():  # every combination: some values are valid only together
             try:
-                self.config(point)
+                built.append((point, self.config(point), f"grid point {self.label(point)}"))
             except ConfigError as err:
                 self._point_error(err)
                 # Name the grid key (and which of its values) that the config error is about, if any.
@@ -235,6 +237,7 @@ class StudySpec:
                 i = [encode(v) for v in self.grid[key]].index(encode(point[key]))
                 raise SpecError(f"{where}: grid.{key}[{i}] = {value_label(point[key])}: {err} (at grid point "
                                 f"{self.label(point)})") from None
+        self._check_reported(built)
 
     def _validate_search(self) -> None:
         where = self.source
@@ -249,25 +252,47 @@ class StudySpec:
             raise SpecError(f"{where}: seeds: a tune study trains one seed per trial; repeat the best point over "
                             "seeds in a grid study with base_from: {study: NAME}")
         corners = {}
+        built = []
         for key, dim in self.search.items():
             if isinstance(dim, Choices):
                 corners[key] = list(dim.choices)
+            elif dim.int:  # what suggest_int draws from
+                corners[key] = [int(dim.low), int(dim.high)]
             else:
                 corners[key] = [dim.low, dim.high]
             for value in corners[key]:
                 try:
-                    self.config({key: value, SEED_KEY: self.seeds[0]})
+                    cfg = self.config({key: value, SEED_KEY: self.seeds[0]})
                 except ConfigError as err:
                     self._point_error(err)
                     raise SpecError(f"{where}: search.{key} value {value_label(value)}: {err}") from None
+                built.append(({key: value}, cfg, f"search.{key} value {value_label(value)}"))
         if _product_size(corners) <= MAX_CORNERS:
             for combo in itertools.product(*corners.values()):
                 point = {**dict(zip(corners, combo)), SEED_KEY: self.seeds[0]}
                 try:
-                    self.config(point)
+                    cfg = self.config(point)
                 except ConfigError as err:
                     self._point_error(err)
                     raise SpecError(f"{where}: search corner {self.label(point)}: {err}") from None
+                built.append((point, cfg, f"search corner {self.label(point)}"))
+        self._check_reported(built)
+
+    def _check_reported(self, built: list[tuple[dict, TrainConfig, str]]) -> None:
+        """The objective metric must be one that every trial's config reports (trainers.results): e.g. the
+        engine's comm_rounds is not reported by a centralized run, and a trial without a value fails."""
+        metric = self.objective.metric
+        missing = [(cfg, at) for _, cfg, at in built if metric not in reported_metrics(cfg)]
+        if not missing:
+            return
+        cfg, at = missing[0]
+        algorithm = cfg.distributed.algorithm
+        article = "an" if algorithm[0] in "aeiou" else "a"
+        where = "" if len(missing) == len(built) else f", at {at}"  # not every point: say which one
+        others = [a for a in ALGORITHMS if metric in metrics_for(a)]
+        raise SpecError(f"{self.source}: objective.metric: {metric!r} is not reported by {article} {algorithm} run "
+                        f"(distributed.algorithm: {algorithm}{where}); it reports: {', '.join(reported_metrics(cfg))}"
+                        f"; {metric} is reported with distributed.algorithm {_or_list(others)}")
 
 
 def load_spec(path: str) -> StudySpec:
@@ -300,10 +325,11 @@ def _parse(raw: Any, source: str) -> StudySpec:
     simple = {k: raw[k] for k in ("name", "kind", "objective", "budget", "sampler", "pruner", "heartbeat",
                                   "description") if k in raw}
     spec = build(_Header, simple, "")
-    base = raw.get("base") or {}
+    _check_header(spec, source)
+    base = {} if raw.get("base") is None else raw["base"]
     if not isinstance(base, dict):
         raise SpecError(f"{source}: base: expected a mapping (a TrainConfig), got {base!r}")
-    grid = raw.get("grid") or {}
+    grid = {} if raw.get("grid") is None else raw["grid"]
     if not isinstance(grid, dict):
         raise SpecError(f"{source}: grid: expected a mapping of dotted keys to lists, got {grid!r}")
     grid = {str(k): v for k, v in grid.items()}
@@ -313,13 +339,26 @@ def _parse(raw: Any, source: str) -> StudySpec:
             raise SpecError(f"{source}: grid.seed: give the seeds once, under seeds: [...]")
         seeds = grid.pop(SEED_KEY)
     if seeds is None:
-        seeds = [base.get(SEED_KEY, 0)]
+        try:
+            seeds = [coerce(int, base.get(SEED_KEY, 0), f"base.{SEED_KEY}")]
+        except ConfigError as err:
+            raise SpecError(f"{source}: {err}") from None
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
         raise SpecError(f"{source}: seeds: expected a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise SpecError(f"{source}: seeds: lists a seed twice")
-    search = {str(k): _parse_dim(f"search.{k}", v, source) for k, v in (raw.get("search") or {}).items()}
+    search = {} if raw.get("search") is None else raw["search"]
+    if not isinstance(search, dict):
+        raise SpecError(f"{source}: search: expected a mapping of dotted keys to {{low, high[, log]}} or "
+                        f"{{choices: [...]}}, got {search!r}")
+    if SEED_KEY in search:
+        raise SpecError(f"{source}: search.seed: a tune study trains one seed per trial; give it under seeds: [N]")
+    for section, keys in (("grid", grid), ("search", search)):
+        for key in keys:
+            if any(not part.strip() for part in str(key).split(".")):
+                raise SpecError(f"{source}: {section}.{key}: empty part in the dotted key (write e.g. optim.lr)")
+    search = {str(k): _parse_dim(f"search.{k}", v, source) for k, v in search.items()}
     base_from = raw.get("base_from")
     if base_from is not None:
         base_from = build(BaseFrom, base_from, "base_from.")
@@ -350,6 +389,9 @@ def _parse_dim(key: str, raw: Any, source: str) -> Range | Choices:
         dim = build(Choices, raw, key + ".")
         if not dim.choices:
             raise SpecError(f"{source}: {key}.choices: must not be empty")
+        encoded = [json.dumps(encode(c)) for c in dim.choices]
+        if len(set(encoded)) != len(encoded):
+            raise SpecError(f"{source}: {key}.choices: lists a value twice")
         return dim
     dim = build(Range, raw, key + ".")
     if not raw.get("int") and all(isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool)
@@ -361,16 +403,50 @@ def _parse_dim(key: str, raw: Any, source: str) -> Range | Choices:
         raise SpecError(f"{source}: {key}.low: a log range needs low > 0, got {dim.low}")
     if dim.log and dim.step is not None:
         raise SpecError(f"{source}: {key}.step: Optuna does not combine step with log")
+    if dim.step is not None and dim.step <= 0:
+        raise SpecError(f"{source}: {key}.step: must be positive, got {dim.step}")
+    if dim.int:  # Optuna's suggest_int: integer bounds and step
+        for name in ("low", "high", "step"):
+            value = getattr(dim, name)
+            if value is not None and not float(value).is_integer():
+                raise SpecError(f"{source}: {key}.{name}: an integer range (int: true) needs an integer, got {value}")
     return dim
 
 
+def _check_header(spec: "_Header", source: str) -> None:
+    """Bounds Optuna would only enforce when the study starts (a traceback then)."""
+    checks = [
+        (spec.sampler.n_startup_trials >= 0, "sampler.n_startup_trials", "must be >= 0"),
+        (spec.pruner.n_startup_trials >= 0, "pruner.n_startup_trials", "must be >= 0"),
+        (spec.pruner.n_warmup_steps >= 0, "pruner.n_warmup_steps", "must be >= 0"),
+        (spec.pruner.interval_steps >= 1, "pruner.interval_steps", "must be >= 1"),
+        (spec.heartbeat.interval >= 1, "heartbeat.interval", "must be >= 1 (seconds)"),
+        (spec.heartbeat.grace >= 1, "heartbeat.grace", "must be >= 1 (seconds)"),
+        (spec.heartbeat.max_retry >= 0, "heartbeat.max_retry", "must be >= 0"),
+    ]
+    for ok, key, reason in checks:
+        if not ok:
+            raise SpecError(f"{source}: {key}: {reason}")
+
+
 def _metric_check(metric: str, where: str) -> None:
+    """A name that no config reports (a typo, or a metric of another tool); whether this study's configs
+    report it is checked with them (StudySpec._check_reported)."""
     if metric in KNOWN_METRICS:
         return
-    close = difflib.get_close_matches(metric, KNOWN_METRICS, n=1, cutoff=0.75)
-    if close or not metric:
-        raise SpecError(f"{where}: objective.metric: unknown metric {metric!r}"
-                        + (f" (did you mean {close[0]}?)" if close else ""))
+    close = difflib.get_close_matches(metric, KNOWN_METRICS, n=1, cutoff=0.6)
+    central, engine = metrics_for("centralized"), metrics_for("local")
+    controlled = [a for a in ALGORITHMS if set(metrics_for(a)) > set(engine)]
+    raise SpecError(f"{where}: objective.metric: unknown metric {metric!r}"
+                    + (f" (did you mean {close[0]}?)" if close else "")
+                    + f"; a run reports {', '.join(central)}; a K-worker run (distributed.algorithm other than "
+                    f"centralized) also {', '.join(m for m in engine if m not in central)}; "
+                    f"{' and '.join(controlled)} also "
+                    f"{', '.join(m for m in KNOWN_METRICS if m not in engine)}")
+
+
+def _or_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def _product_size(dims: dict[str, list]) -> int:
@@ -387,7 +463,18 @@ def _product_size(dims: dict[str, list]) -> int:
 def encode(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):  # keys of mixed types, or YAML values JSON lacks (dates): as strings
+        return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def value_label(value: Any) -> str:

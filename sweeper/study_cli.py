@@ -108,10 +108,19 @@ def _run(spec, storage, tracking_uri, n_trials, quiet, workers=1, report=True, a
                    f"orchestration (Optuna, MLflow) {over:.1f} s = "
                    f"{100 * over / max(out.wall_time, 1e-9):.1f}% (setup {out.setup_time:.1f} s, {per_trial:.2f} s "
                    f"per trial, final delivery {out.close_time:.1f} s)")
-    if p.done < p.total and out.ran and not n_trials and not p.running:
-        click.echo(f"some trials failed; fix the cause and run `sweeper study resume {spec.name}` to retry them")
-    elif p.done < p.total and p.running and not n_trials:
-        click.echo(f"{len(p.running)} trial(s) still run in other workers; the last of them completes the study")
+    _exit_status(spec, p, n_trials, out.failed)
+
+
+def _exit_status(spec, p, n_trials, failed: int | None, resume: str | None = None) -> None:
+    """Exit 0 when the study is complete, or when a run limited by --n-trials had no failure; else say
+    what is missing and exit 1. (`failed`: this run's failed trials; None: counted by other processes.)"""
+    if p.complete or (n_trials is not None and failed == 0):
+        return
+    resume = resume or f"sweeper study resume {spec.name}"
+    why = f"{failed} trial(s) failed in this run (the FAIL lines above say why)" if failed else "trials failed"
+    click.echo(f"study {spec.name} is not complete ({p.done}/{p.total} done): {why}; fix the cause, then "
+               f"`{resume}` retries them", err=True)
+    raise SystemExit(1)
 
 
 def _summary(spec, p, parent_run_id, report) -> None:
@@ -123,7 +132,8 @@ def _summary(spec, p, parent_run_id, report) -> None:
 
 
 def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again) -> None:
-    from .study import Interrupted, public_url
+    from .study import Interrupted
+    from .uris import secrets
     from .workers import run_workers
 
     out = run_workers(spec, workers, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, report=report,
@@ -131,7 +141,8 @@ def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again) 
     p = out.progress
     _summary(spec, p, out.prepared.parent_run_id, out.report)
     resume = (f"{again or f'sweeper study resume {spec.name}'} --workers {workers}"
-              + (f" --storage {public_url(storage)}" if storage else ""))
+              + (f" --storage {storage}" if storage and not secrets(storage) else
+                 " (with SWEEPER_STORAGE set to the storage URL)" if storage else ""))
     failed = ("worker(s) " + ", ".join(f"{i} (exit status {out.codes[i - 1]})" for i in out.failed)
               + " stopped with an error; their output is above (prefixed [wI])") if out.failed else None
     if out.interrupted and not (p.done >= p.total and not p.running):
@@ -139,9 +150,11 @@ def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again) 
             click.echo(failed, err=True)
         raise Interrupted(f"interrupted; {p.done}/{p.total} done. Resume with: {resume}")
     if failed:
-        raise click.ClickException(f"{failed}. Fix the cause, then: {resume}")
-    if p.done < p.total and not n_trials:
-        click.echo(f"some trials failed; fix the cause and run `{resume}` to retry them")
+        if p.complete:
+            click.echo(f"{failed}; the other workers completed the study", err=True)
+            return
+        click.echo(failed, err=True)
+    _exit_status(spec, p, n_trials, None if (failed or not n_trials) else 0, resume)
 
 
 @study.command()
@@ -206,8 +219,10 @@ def list_cmd(storage):
 def report(name, storage, tracking_uri, out_dir, fmt, no_log):
     """Tables (shaped like the sources' where the study's keys fit) and plots of study NAME."""
     from .report import log_report, write_report
-    from .study import A_PARENT, A_TRACKING, load, open_storage
+    from .study import A_PARENT, load, open_storage
+    from .study.run import resolve_tracking
     from .tracking import TrackingError, connect, replay_spool
+    from .uris import public, redact
 
     with _errors():
         st, spec = load(name, open_storage(storage))
@@ -218,12 +233,36 @@ def report(name, storage, tracking_uri, out_dir, fmt, no_log):
     if no_log or not parent:
         return
     try:
-        client = connect(tracking_uri or st.user_attrs.get(A_TRACKING))
+        client = connect(resolve_tracking(st, tracking_uri))
         replay_spool(client)  # what a run could not deliver, before the report lands beside it
         log_report(client, parent, paths)
-        click.echo(f"logged to MLflow run {parent} (artifacts/report) at {client.tracking_uri}")
+        click.echo(f"logged to MLflow run {parent} (artifacts/report) at {public(client.tracking_uri)}")
     except (TrackingError, Exception) as err:  # noqa: BLE001 - the files are written; logging is a bonus
-        click.echo(f"warning: report not logged to MLflow: {str(err).splitlines()[0]}", err=True)
+        click.echo(f"warning: report not logged to MLflow: {redact(str(err).splitlines()[0], tracking_uri)}", err=True)
+
+
+@study.command()
+@click.argument("name")
+@storage_option
+@click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_HELP)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+def delete(name, storage, tracking_uri, yes):
+    """Delete study NAME: its Optuna trials, its MLflow experiment and runs, its checkpoints and reports."""
+    from .study import open_storage, public_url
+    from .study.delete import delete as remove, plan
+
+    with _errors():
+        store = open_storage(storage)
+        doomed, client = plan(name, store, tracking_uri)
+    what = (f"study {name} ({doomed.trials} trials) in {public_url(store.url)}, "
+            + (f"MLflow experiment '{name}' ({doomed.runs} runs) at {public_url(doomed.tracking_uri)}"
+               if doomed.experiment_id else "no MLflow experiment")
+            + (f", {len(doomed.paths)} local folder(s): " + ", ".join(map(str, doomed.paths)) if doomed.paths else ""))
+    if not yes:
+        click.confirm(f"Delete {what}?", abort=True)
+    with _errors():
+        remove(doomed, store, client)
+    click.echo(f"deleted {what}")
 
 
 @study.command()

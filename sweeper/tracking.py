@@ -26,7 +26,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
+
+from . import uris
+from .uris import DEFAULT_TRACKING_URI, STATE_DIR, TrackingError  # noqa: F401 - this module's names too
 
 # MLflow's REST client retries a dead server for minutes inside one call; we retry ourselves, in the
 # background, so each attempt should fail fast. Set before mlflow reads them.
@@ -35,8 +38,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 # MLflow prints "View run ... at URL" from whichever thread ends a run, into our progress display.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-STATE_DIR = Path(os.environ.get("SWEEPER_STATE_DIR", "mlruns"))
-DEFAULT_TRACKING_URI = f"sqlite:///{STATE_DIR}/mlflow.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
@@ -44,16 +45,10 @@ MAX_PARAM_LENGTH = 6000
 log = logging.getLogger("sweeper.tracking")
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or refused a request; the message names the URI."""
-
-
 def tracking_uri(uri: str | None = None) -> str:
-    """The URI to use: the argument, else $MLFLOW_TRACKING_URI, else SQLite under mlruns/."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    """The URI to use: the argument, else $MLFLOW_TRACKING_URI, else SQLite under mlruns/; checked, and a
+    SQLite file's directory created (a TrackingError says why not). See `uris.tracking_uri`."""
+    return uris.tracking_uri(uri)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -67,7 +62,10 @@ def connect(uri: str | None = None):
     """An MlflowClient for `uri`, checked to answer, or a TrackingError that says what to do."""
     from mlflow.tracking import MlflowClient
 
+    from .mlflow_store import prepare
+
     uri = tracking_uri(uri)
+    prepare(uri)  # a local store is complete before MLflow opens it: a kill never leaves half of one
     client = MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)
@@ -76,22 +74,27 @@ def connect(uri: str | None = None):
         if urlparse(uri).scheme in ("http", "https"):
             hint = (" Is the server running? Start one with `sweeper server`, or use the local store with "
                     f"--tracking-uri {DEFAULT_TRACKING_URI}.")
-        raise TrackingError(f"MLflow tracking store {uri} is unreachable: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}.{hint}") from None
+        reason = uris.redact(str(err).splitlines()[0] if str(err) else "", uri)
+        raise TrackingError(f"MLflow tracking store {uris.public(uri)} is unreachable: {type(err).__name__}: "
+                            f"{reason}.{hint}") from None
     return client
 
 
 def check_server(uri: str) -> None:
     """A tracking server that does not answer is an error now, before a study starts (one request,
     without importing mlflow). The local store has nothing to check."""
-    if urlparse(uri).scheme not in ("http", "https"):
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
         return
+    netloc = parts.netloc.rpartition("@")[2]  # no user info: /health needs none, and urllib cannot send it
+    health = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        urllib.request.urlopen(health, timeout=10).close()
     except urllib.error.HTTPError:
         return  # it answered
-    except OSError as err:
-        raise TrackingError(f"MLflow tracking store {uri} is unreachable: {getattr(err, 'reason', err)}. Is the "
+    except (OSError, ValueError) as err:
+        reason = uris.redact(getattr(err, "reason", err), uri)
+        raise TrackingError(f"MLflow tracking store {uris.public(uri)} is unreachable: {reason}. Is the "
                             f"server running? Start one with `sweeper server`, or use the local store with "
                             f"--tracking-uri {DEFAULT_TRACKING_URI}.") from None
 
@@ -113,6 +116,9 @@ class LazyClient:
         try:  # no round trip here: a server down right now is an outage to wait out, not an error
             from mlflow.tracking import MlflowClient
 
+            from .mlflow_store import prepare
+
+            prepare(self.tracking_uri)  # (a study prepared it before it started us: the fast path)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
             replay_spool(self._client, self._spool_dir)  # keeps the files it cannot deliver yet
         except Exception as err:  # noqa: BLE001 - e.g. a local store that cannot be opened
@@ -126,7 +132,7 @@ class LazyClient:
     def __getattr__(self, name: str):
         self._ready.wait()
         if self._client is None:
-            raise TrackingError(str(self._error))
+            raise TrackingError(uris.redact(self._error, self.tracking_uri))
         return getattr(self._client, name)
 
 
@@ -346,7 +352,8 @@ class RunLogger:
                         self.on_event("opened", opened)
             except Exception as err:  # noqa: BLE001 - the server is down or refused: keep and retry
                 if rejected(err):  # retrying cannot help: say so and go on with the next item
-                    log.warning("MLflow refused an item for run %s: %s", (self.run_id or "(new)")[:8], err)
+                    log.warning("MLflow refused an item for run %s: %s", (self.run_id or "(new)")[:8],
+                                uris.redact(err, self._uri()))
                     with self._lock:
                         self._pending.pop(0)
                     continue
@@ -354,7 +361,7 @@ class RunLogger:
                 if self.on_event is not None:
                     self.on_event("failure")
                 log.warning("MLflow delivery to run %s failed (%s); will retry", (self.run_id or "(new)")[:8],
-                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                            uris.redact(str(err).splitlines()[0], self._uri()) if str(err) else type(err).__name__)
                 if self._stop.wait(delay):
                     return
                 delay = min(delay * 2, self.retry_max)
@@ -363,17 +370,34 @@ class RunLogger:
             with self._lock:
                 self._pending.pop(0)
 
+    def _uri(self) -> str | None:
+        return getattr(self.client, "tracking_uri", None)
+
     def _spool(self, ops: list[tuple]) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        """The items in a file only this user can read (0600, in a 0700 directory: params and tags may be
+        private too), headed by the store's URI with its password masked."""
+        private_dir(self.spool_dir)
         path = self.spool_dir / f"{self.run_id or 'new'}-{uuid.uuid4().hex[:8]}.jsonl"
         tmp = path.with_suffix(".tmp")  # a replay elsewhere never sees half a file
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps({"tracking_uri": self.client.tracking_uri, "run_id": self.run_id}) + "\n")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(json.dumps({"tracking_uri": uris.public(self._uri()), "run_id": self.run_id}) + "\n")
             for op in ops:
                 fh.write(json.dumps(_portable(op)) + "\n")
         os.replace(tmp, path)
         log.warning("MLflow store unreachable: %d pending items of run %s kept in %s; they are delivered "
                     "by the next sweeper command that reaches it", len(ops), (self.run_id or "(new)")[:8], path)
+
+
+def private_dir(path: Path) -> None:
+    """`path` exists, and only its owner can list or enter it (made so when it is ours)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        st = path.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            path.chmod(0o700)  # made by an older version, or under a permissive umask
+    except OSError:
+        pass
 
 
 def _portable(op: tuple) -> tuple:
@@ -464,8 +488,8 @@ def replay_spool(client, spool_dir: Path | None = None) -> int:
             head = json.loads(lines[0])
         except (OSError, ValueError, IndexError):
             continue  # replayed by another sweeper process meanwhile, or being written
-        if head["tracking_uri"] != client.tracking_uri:
-            continue
+        if uris.public(head["tracking_uri"]) != uris.public(client.tracking_uri):
+            continue  # another store's (compared masked: files hold the URI without its password)
         run_id = head["run_id"]
         try:
             for line in lines[1:]:
@@ -473,7 +497,7 @@ def replay_spool(client, spool_dir: Path | None = None) -> int:
                 opened = deliver(client, run_id, op)
                 run_id = opened if op[0] == "open" else run_id
         except Exception as err:  # noqa: BLE001 - still down: keep the file for next time
-            log.warning("spooled items in %s not delivered yet: %s", path, err)
+            log.warning("spooled items in %s not delivered yet: %s", path, uris.redact(err, client.tracking_uri))
             continue
         path.unlink(missing_ok=True)
         done += 1
@@ -485,22 +509,24 @@ def replay_spool(client, spool_dir: Path | None = None) -> int:
 
 
 class Courier:
-    """Starts `python -m sweeper.tracking URI SPOOL_DIR` and talks to it over its stdin/stdout (pickled
-    messages; a writer thread, so a slow child never blocks the caller). The child dies with us: a
-    SIGKILL of the study leaves nothing delivering behind it (a retry then backfills from checkpoints
-    without racing it)."""
+    """Starts `python -m sweeper.tracking SPOOL_DIR` and talks to it over its stdin/stdout (pickled
+    messages; a writer thread, so a slow child never blocks the caller). The tracking URI is the first
+    message, not an argument: `ps` shows arguments to every user, and the URI may hold a password. The
+    child dies with us: a SIGKILL of the study leaves nothing delivering behind it (a retry then
+    backfills from checkpoints without racing it)."""
 
     def __init__(self, uri: str, spool_dir: Path | None = None):
         self.tracking_uri = uri
         self.spool_dir = Path(spool_dir or STATE_DIR / "spool").resolve()
         package_root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.tracking", uri, str(self.spool_dir)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.tracking", str(self.spool_dir)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.loggers: dict[int, RemoteLogger] = {}
         self.spooled = 0
         self.error: str | None = None
         self._outbox: queue.Queue = queue.Queue()
+        self._outbox.put(("uri", uri))  # the first message: the store to deliver to
         self._bye = threading.Event()
         threading.Thread(target=self._write, name="courier-out", daemon=True).start()
         threading.Thread(target=self._read, name="courier-in", daemon=True).start()
@@ -612,9 +638,10 @@ class RemoteLogger(RunLogger):
 COURIER_NICENESS = 10
 
 
-def courier_main(uri: str, spool_dir: str) -> None:
-    """The child: a RunLogger per message "new", ops appended to it, "abort" spools one, "shutdown"
-    waits for all and spools the rest. Its stdout carries only our messages (prints go to stderr)."""
+def courier_main(spool_dir: str) -> None:
+    """The child: the first message ("uri", URI) names the store; then a RunLogger per message "new", ops
+    appended to it, "abort" spools one, "shutdown" waits for all and spools the rest. Its stdout carries
+    only our messages (prints go to stderr)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the study decides
@@ -632,6 +659,12 @@ def courier_main(uri: str, spool_dir: str) -> None:
             pickle.dump(message, outbox, protocol=pickle.HIGHEST_PROTOCOL)
             outbox.flush()
 
+    try:
+        kind, uri = pickle.load(inbox)
+    except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+        os._exit(0)  # our study process is gone before it said where to deliver
+    if kind != "uri":
+        os._exit(2)
     client = LazyClient(uri, Path(spool_dir))
     loggers: dict[int, RunLogger] = {}
 
@@ -670,11 +703,11 @@ def courier_main(uri: str, spool_dir: str) -> None:
                 spooled += not delivered
                 emit("finished", lid, delivered, logger.spooled)  # (the parent keeps the first it gets)
             if client._error is not None:
-                emit("error", f"{type(client._error).__name__}: {client._error}")
+                emit("error", f"{type(client._error).__name__}: {uris.redact(client._error, uri)}")
             emit("bye", spooled)
             outbox.close()
             os._exit(0)
 
 
 if __name__ == "__main__":  # the courier child of a study
-    courier_main(sys.argv[1], sys.argv[2])
+    courier_main(sys.argv[1])

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .spec import SpecError, StudySpec
-from .study import A_COMPLETED, A_TRACKING, Outcome, progress, public_url, run, state_dir, storage_url
+from .study import A_REPORT, Outcome, progress, public_url, run, state_dir, storage_url
 
 
 @dataclass
@@ -117,7 +117,7 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
             f"other machines join with `sweeper worker {spec.name} --storage URL`, this storage's URL from there")
     echo(f"starting {n} worker(s) for {todo} {what} on {public_url(url)} ({join})")
     # The storage and tracking URIs go by environment, not by argument: `ps` shows arguments (passwords).
-    uris = {"SWEEPER_STORAGE": url, "MLFLOW_TRACKING_URI": study.user_attrs[A_TRACKING]}
+    uris = {"SWEEPER_STORAGE": url, "MLFLOW_TRACKING_URI": prepared.tracking_uri}
     command = [sys.executable, "-m", "sweeper.cli", "worker", spec.name, "--quiet"] + (
         ["--n-trials", str(n_trials)] if n_trials else []) + ([] if report else ["--no-report"])
     gpus = _gpu_count()
@@ -175,8 +175,6 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
     for t in relays:
         t.join(10)
     prog = progress(study, spec)
-    done = prog.done >= prog.total and not prog.running
     path = state_dir() / "reports" / spec.name / "report.md"
-    mark = study._storage.get_study_system_attrs(study._study_id).get(A_COMPLETED)
-    built = done and report and mark == f"{prog.done}/{prog.total}" and path.exists()
+    built = prog.complete and report and study.user_attrs.get(A_REPORT) == f"{prog.done}/{prog.total}" and path.exists()
     return WorkersOutcome(prepared, prog, codes, interrupted=signals["count"] > 0, report=path if built else None)

@@ -162,23 +162,53 @@ def subprocess_env(workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def claim_race(study, threads: int, mark: str) -> list[bool]:
-    """`threads` threads (each its own pooled storage connection) claim the completion of `study` at
-    the same moment; returns who won, sorted."""
+def pop_race(storage, threads: int, points: int) -> list[int]:
+    """`points` grid points queued, then `threads` threads (each its own pooled storage connection) ask
+    for trials at the same moment until the queue is empty; returns the points they took, sorted."""
     import threading
+    import warnings
 
     from sweeper import study as st
+    from sweeper.spec import StudySpec
 
+    spec = StudySpec.from_dict({"name": "pops", "kind": "grid", "base": TINY_BASE,
+                                "grid": {"optim.lr": [0.01 * (i + 1) for i in range(points)]}})
+    study = st.open_study(spec, storage)
     barrier = threading.Barrier(threads)
-    wins: list[bool] = []
+    taken: list[int] = []
 
-    def claim() -> None:
+    def take() -> None:
         barrier.wait()
-        wins.append(st.claim_completion(study, mark))
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial = study.ask()
+            point = study.get_trials(deepcopy=False)[trial.number].user_attrs.get(st.T_POINT)
+            if point is None:  # the queue was empty: a fresh trial, not a point
+                return
+            taken.append(point)
 
-    pool = [threading.Thread(target=claim) for _ in range(threads)]
+    pool = [threading.Thread(target=take) for _ in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return sorted(wins)
+    return sorted(taken)
+
+
+def busy_workers(db: Path) -> set[int]:
+    """Pids of the workers whose RUNNING trial has reported at least one epoch (SQLite storage `db`)."""
+    import json
+    import sqlite3
+
+    from sweeper.study import T_WORKER
+
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            rows = con.execute(
+                "select a.value_json from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
+                "and a.key = ? where t.state = 'RUNNING' and exists (select 1 from trial_intermediate_values v "
+                "where v.trial_id = t.trial_id)", (T_WORKER,)).fetchall()
+    except sqlite3.Error:
+        return set()
+    return {json.loads(value)["pid"] for (value,) in rows}

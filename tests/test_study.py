@@ -60,7 +60,7 @@ def test_grid_runs_every_point_once_and_a_rerun_nothing(tracked):
     out, lines = run(spec)
     done = trials(out, TrialState.COMPLETE)
     assert len(done) == 4 and out.ran == 4
-    assert sorted(t.system_attrs["grid_id"] for t in done) == [0, 1, 2, 3]
+    assert sorted(t.user_attrs[st.T_POINT] for t in done) == [0, 1, 2, 3]
     assert [(t.params["seed"], t.params["optim.lr"]) for t in done] == [(0, 0.05), (0, 0.1), (1, 0.05), (1, 0.1)]
     for t in done:  # what reports and resumes read
         assert st.status_of(t) == "completed"
@@ -89,6 +89,10 @@ def test_failed_points_rerun_once_per_call_and_divergence_is_an_outcome(tracked)
     assert out.progress.done == 2 and out.progress.diverged == 1 and out.progress.best[1] > 0
     failed = trials(out, TrialState.FAIL)
     assert all("batch_size" in t.user_attrs[st.T_ERROR] for t in failed)
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the diverged epoch's figures are recorded
+    history = client.get_metric_history(run_of(client, "f", diverged[0].number).info.run_id, "train_loss")
+    assert math.isnan(max(history, key=lambda m: m.step).value)
+    assert any("FAIL: " in line and "batch_size" in line for line in lines)  # the reason, on the console
     # A second call reruns the failed points, each as a retry of its first trial, and stops again.
     again, _ = run(spec)
     assert again.ran == 2
@@ -107,9 +111,9 @@ def test_stale_trials_are_failed_and_requeued_by_heartbeat(workdir, monkeypatch)
     trial.set_user_attr(st.T_WORKER, {"host": "another-machine", "pid": 1, "start": None})
     trial.set_user_attr(st.T_RUN, "abc")
     storage.record_heartbeat(trial._trial_id)
-    assert st.recover(study) == []  # heartbeat fresh: alive as far as we can tell
+    assert st.recover(study, storage) == []  # heartbeat fresh: alive as far as we can tell
     time.sleep(2.2)
-    assert st.recover(study) == [trial.number]
+    assert st.recover(study, storage) == [trial.number]
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]
     retry = study.trials[1]
@@ -126,7 +130,7 @@ def test_trials_of_a_dead_local_process_are_retried_at_once(workdir):
     trial.set_user_attr(st.T_WORKER, {"host": socket.gethostname(), "pid": proc.pid, "start": None})
     mine = study.ask()
     mine.set_user_attr(st.T_WORKER, st.worker_id())  # this process: alive
-    assert st.recover(study) == [trial.number]
+    assert st.recover(study, storage) == [trial.number]
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
 
 
@@ -152,7 +156,9 @@ def test_ctrl_c_requeues_the_trial_and_resume_continues_it(tracked, mlflow_serve
     with pytest.raises(st.Interrupted, match=r"1 trial\(s\) finished in this run. Resume with: sweeper study resume c"):
         run(spec)
     study = optuna.load_study(study_name="c", storage=st.storage_url())
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    # point 2 still queued; point 1's trial failed and queued again as its retry
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL] + [TrialState.WAITING] * 2
+    assert study.trials[3].system_attrs[st.S_ORIGIN] == 1 and study.trials[3].user_attrs[st.T_POINT] == 1
     client = MlflowClient(mlflow_server.uri)
     killed = run_of(client, "c", 1)
     assert killed.info.status == "KILLED" and steps(client, killed.info.run_id) == [1]
@@ -162,8 +168,9 @@ def test_ctrl_c_requeues_the_trial_and_resume_continues_it(tracked, mlflow_serve
     out, lines = run(spec)
     assert any("retry of trial 1, from epoch 1" in line for line in lines)
     done = trials(out, TrialState.COMPLETE)
-    assert sorted(t.system_attrs["grid_id"] for t in done) == [0, 1, 2]
-    assert done[1].system_attrs[st.S_ORIGIN] == 1 and run_of(client, "c", 1).info.run_id == killed.info.run_id
+    assert sorted(t.user_attrs[st.T_POINT] for t in done) == [0, 1, 2]
+    (retry,) = [t for t in done if t.user_attrs[st.T_POINT] == 1]
+    assert retry.system_attrs[st.S_ORIGIN] == 1 and run_of(client, "c", 1).info.run_id == killed.info.run_id
     runs = child_runs(client, "c", out.parent_run_id)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert all(steps(client, r.info.run_id) == [1, 2] for r in runs)
@@ -293,7 +300,7 @@ def test_sigkill_mid_trial_then_the_same_command_completes_the_study(workdir, ml
 
     study = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.system_attrs["grid_id"] for t in complete) == [0, 1, 2]  # each point exactly once
+    assert sorted(t.user_attrs[st.T_POINT] for t in complete) == [0, 1, 2]  # each point exactly once
     assert study.trials[1].state == TrialState.FAIL
     client = MlflowClient(mlflow_server.uri)
     runs = child_runs(client, "k", study.user_attrs[st.A_PARENT])
@@ -335,3 +342,33 @@ def test_cli_errors_are_one_friendly_line(workdir, tracked, mlflow_server):
     assert result.output.startswith("ok ") and "2/2" in result.output
     result = cli.invoke(main, ["study", "resume", "ok", "-q"])
     assert result.exit_code == 0 and "is complete; nothing to run" in result.output
+    # Every trial failing is not a success: the reason on the console, exit status 1.
+    bad = write_spec(workdir / "bad.yaml", "bad", base={**TINY_BASE, "batch_size": 4096})
+    result = cli.invoke(main, ["study", "run", str(bad), "-q"])
+    assert result.exit_code == 1, result.output
+    assert "FAIL: ConfigError: batch_size" in result.output or "FAIL: " in result.output and "4096" in result.output
+    assert "study bad is not complete (0/2 done): 2 trial(s) failed in this run" in result.output
+
+
+def test_delete_removes_the_study_its_experiment_and_files_after_asking(workdir):
+    from click.testing import CliRunner
+
+    from sweeper.cli import main
+
+    cli = CliRunner()
+    spec = write_spec(workdir / "d.yaml", "gone")
+    assert cli.invoke(main, ["study", "run", str(spec), "--n-trials", "1", "-q"]).exit_code == 0
+    uri = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    old = client.get_experiment_by_name("gone").experiment_id
+    refused = cli.invoke(main, ["study", "delete", "gone"], input="n\n")
+    assert refused.exit_code == 1 and "Delete study gone (2 trials)" in refused.output
+    assert "gone" in st.study_names(st.open_storage())  # nothing happened
+    done = cli.invoke(main, ["study", "delete", "gone"], input="y\n")
+    assert done.exit_code == 0 and "deleted study gone" in done.output, done.output
+    assert "gone" not in st.study_names(st.open_storage())
+    assert client.get_experiment_by_name("gone") is None and client.get_experiment(old).lifecycle_stage == "deleted"
+    assert not (workdir / "mlruns" / "checkpoints" / "gone").exists()
+    again = cli.invoke(main, ["study", "run", str(spec), "--n-trials", "0"])  # a new study of that name
+    assert again.exit_code == 0 and client.get_experiment_by_name("gone").experiment_id != old
+    assert cli.invoke(main, ["study", "delete", "nope", "--yes"]).exit_code == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from typing import Any, Literal
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the dotted key."""
+
+
+class YAMLSyntaxError(ConfigError):
+    """Text that PyYAML cannot parse (the message gives the position and PyYAML's reason on one line)."""
 
 
 class DataNotFoundError(RuntimeError):
@@ -270,15 +275,24 @@ def _check(ok: bool, key: str, reason: str) -> None:
 
 
 def load_yaml(path: str) -> dict:
-    import yaml
-
+    """A YAML file's top-level mapping; every problem (missing, unreadable, not UTF-8, bad YAML, a key given
+    twice) is one ConfigError line that starts with the path."""
     try:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[err.start]:02x} at line {line} ({err.reason}); "
+                          "save the file as UTF-8") from None
+    raw = parse_yaml(text, where=str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -286,24 +300,142 @@ def load_yaml(path: str) -> dict:
     return raw
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`optim.lr=0.1` -> ("optim.lr", 0.1); the value is parsed as YAML (numbers, lists, mappings)."""
+def parse_yaml(text: str, where: str, key: str = "", column: int | None = None) -> Any:
+    """`yaml.safe_load` that rejects a mapping key given twice (PyYAML keeps the last one silently) and
+    reports any problem as one ConfigError line: `WHERE: KEY: duplicate key at line L ...` or `WHERE: not
+    valid YAML: line L, column C: ...`. `key` is the dotted key the text is the value of (a --set);
+    `column`: the text is one line that starts at this 0-based column of what the user typed (positions
+    are then columns only)."""
     import yaml
 
+    try:
+        return yaml.load(text, Loader=_strict_loader())
+    except _DuplicateKey as dup:
+        first, again = (_position(m, column) for m in (dup.first, dup.again))
+        dotted = ".".join(k for k in (key, dup.key) if k) or "config"
+        if dup.recursive:
+            raise ConfigError(f"{where}: {dotted}: contains itself (a recursive YAML alias at {again})") from None
+        raise ConfigError(f"{where}: {dotted}: duplicate key at {again} (first at {first}); give each key "
+                          "once") from None
+    except yaml.YAMLError as err:
+        raise YAMLSyntaxError(f"{where}: {key + ': ' if key else ''}not valid YAML: "
+                              f"{_yaml_problem(err, text, column)}") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: Any, again: Any, recursive: bool = False):
+        super().__init__(key)
+        self.key, self.first, self.again, self.recursive = key, first, again, recursive
+
+
+def _position(mark: Any, column: int | None) -> str:
+    if column is not None:
+        return f"column {column + mark.column + 1}"
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(err: Any, text: str, column: int | None) -> str:
+    """A PyYAML error (several lines: context, problem, marks) as one line."""
+    import yaml
+
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f"{_position(mark, column)}: " if mark is not None else ""
+        problem = err.problem or err.context or "invalid"
+        context = ""
+        if err.context and err.problem:
+            started = err.context_mark
+            same = started is None or mark is None or (started.line, started.column) == (mark.line, mark.column)
+            context = f" ({err.context}{'' if same else ' started at ' + _position(started, column)})"
+        return f"{where}{problem}{context}"
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow, e.g. NUL
+        line = text.count("\n", 0, err.position) + 1
+        at = f"column {column + err.position + 1}" if column is not None else f"line {line}"
+        if isinstance(err.character, int):
+            return f"{at}: character #x{err.character:04x} is not allowed in YAML ({err.reason})"
+        return f"{at}: {err.reason}"
+    return " ".join(str(err).split())
+
+
+_LOADER: Any = None
+
+
+def _strict_loader() -> type:
+    """SafeLoader whose documents are checked for duplicate mapping keys before they are constructed."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class StrictLoader(yaml.SafeLoader):
+            def get_single_data(self):
+                node = self.get_single_node()
+                if node is None:
+                    return None
+                _check_duplicates(node, "", set())
+                return self.construct_document(node)
+
+        _LOADER = StrictLoader
+    return _LOADER
+
+
+def _check_duplicates(node: Any, prefix: str, done: set, ancestors: tuple = ()) -> None:
+    """Raise _DuplicateKey for a mapping key given twice, with its dotted path and both positions."""
+    import yaml
+
+    if id(node) in ancestors:
+        raise _DuplicateKey(prefix.rstrip("."), node.start_mark, node.start_mark, recursive=True)
+    if id(node) in done:  # an alias of a node checked already
+        return
+    done.add(id(node))
+    inner = ancestors + (id(node),)
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                _check_duplicates(value_node, prefix, done, inner)
+                continue
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if name is not None:
+                ident = (key_node.tag, name)
+                if ident in first:
+                    raise _DuplicateKey(f"{prefix}{name}", first[ident], key_node.start_mark)
+                first[ident] = key_node.start_mark
+            _check_duplicates(value_node, f"{prefix}{name if name is not None else '?'}.", done, inner)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{prefix.rstrip('.')}[{i}].", done, inner)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`optim.lr=0.1` -> ("optim.lr", 0.1); the value is parsed as YAML (numbers, lists, mappings). A value
+    that is not valid YAML is an error when it was meant as one (it starts with `{`, `[` or a quote, or
+    spans lines); otherwise it is kept as a plain string (e.g. a path starting with `@`)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r}: empty key")
+    _check_dotted(key, f"override {item!r}: ")
+    if not text.strip():
+        return key, None
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = parse_yaml(text, where=f"override {item!r}", key=key,
+                           column=None if "\n" in text else item.index("=") + 1)
+    except YAMLSyntaxError:  # a duplicate key is always an error
+        if text.strip()[:1] in ("{", "[", '"', "'") or "\n" in text.strip():
+            raise
         value = text
     return key, value
 
 
+def _check_dotted(key: str, where: str = "") -> None:
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"{where}{key}: empty part in the dotted key (write e.g. optim.lr)")
+
+
 def set_dotted(tree: dict, key: str, value: Any) -> None:
+    _check_dotted(key)
     node = tree
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -408,18 +540,17 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = _number(value)  # YAML 1.1 reads "1e3" as a string
+        if number is not None and math.isfinite(number) and number.is_integer():
+            return int(number)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -431,3 +562,21 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return dict(value)
         raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _number(value: Any) -> float | None:
+    """A YAML number (or a numeric string: YAML 1.1 reads "1e-3" as one) as a float; None when it is not
+    one (booleans are not numbers). Too large for a float: inf, which the callers reject."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
