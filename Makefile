@@ -1,9 +1,10 @@
-# The README's two commands: `make demo` (main job on the embedded local store) and `make test`.
+# The README's two commands: `make demo` (main job on the embedded local store) and `make test`;
+# `make test-fast` is the quick subset (no test marked slow: none trains on real data or starts a server).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install dev-install dataset clean
+.PHONY: demo test test-fast install dev-install dataset clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,10 +34,13 @@ demo: install dataset
 	$(VENV)/bin/sweeper study report quickstart --out reports/quickstart
 	@cat reports/quickstart/report.md
 	@echo
-	@echo "MLflow UI: $(VENV)/bin/sweeper server   then open http://127.0.0.1:5000"
+	@echo "MLflow UI: $(VENV)/bin/sweeper server   then open the link it prints for the study"
 
 test: dev-install dataset
 	$(PY) -m pytest -q
+
+test-fast: dev-install
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

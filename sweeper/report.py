@@ -1,4 +1,4 @@
-"""Study reports: pandas tables shaped like the first source's tables where the grid keys fit, a generic
+"""Study reports: pandas tables shaped like Poiatti et al.'s tables where the grid keys fit, a generic
 table always, plots, written as Markdown or CSV and logged to the study's parent MLflow run.
 
 Everything is read from Optuna (trial params, and the user attrs a trial stores when it finishes: final
@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from trainers.results import METRICS
+
 from .spec import SEED_KEY, StudySpec, value_label
 
 BATCH, K, J = "batch_size", "distributed.workers", "distributed.local_steps"
@@ -20,9 +22,8 @@ SLOWMO = ("distributed.slowmo", "distributed.slowmo.alpha", "distributed.slowmo.
 ALPHA = "distributed.dynamic.alpha"
 ACC, LOSS = "final_eval_acc", "final_eval_loss"
 COMPUTE, COMM, COMM_MODELED = "compute_time", "comm_time_measured", "comm_time_modeled"
-NAMES = {ACC: "Eval accuracy [%]", LOSS: "Eval loss", COMPUTE: "Computation time [s]",
-         COMM: "Communication time [s]", COMM_MODELED: "Modeled communication time [s]",
-         "comm_rounds": "Communication rounds", "wall_time_modeled": "Modeled wall time [s]"}
+# Column and axis titles, from the metrics' declaration (a trial's final figures as their metric's).
+NAMES = {**{m.name: m.title for m in METRICS}, **{f"final_{m.name}": m.title for m in METRICS}}
 
 
 # --------------------------------------------------------------------------------------------------

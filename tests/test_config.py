@@ -30,6 +30,11 @@ def test_a_whole_subconfig_can_be_set():
 @pytest.mark.parametrize("raw, overrides, message", [
     ({"optim": {"lrr": 1}}, [], "optim.lrr: unknown key (did you mean optim.lr?)"),
     ({"optim": {"name": "lamd"}}, [], "optim.name: unknown value 'lamd'"),
+    ({"model": {"name": "lenet"}}, [], "model.name: unknown value 'lenet'; choose one of lenet5, lenet5-classic, "
+                                       "resnet, torchvision/<builder>, package.module:callable"),
+    ({}, ["model.name=torchvision/res-net"],
+     "model.name: 'torchvision/res-net' is not of the form torchvision/<builder>"),
+    ({}, ["data.dataset=mnist"], "data.dataset: unknown value 'mnist'; choose one of fashion-mnist, cifar10"),
     ({"optim": {"lr": "fast"}}, [], "optim.lr: expected a number"),
     ({"optim": {"lr": -1}}, [], "optim.lr: must be positive"),
     ({"epochs": 1.5}, [], "epochs: expected an integer"),
@@ -65,3 +70,8 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=ring") == ("a", "ring")
     assert parse_override("a={x: 1}") == ("a", {"x": 1})
+
+
+def test_model_name_takes_torchvision_builders_and_user_callables_without_importing_them():
+    for name in ("torchvision/resnet18", "mypackage.nets:tiny_cnn", "nets:Zoo.cnn"):
+        assert TrainConfig.from_dict({"model": {"name": name}}).flat()["model.name"] == name

@@ -12,8 +12,10 @@ import torch
 import torch.multiprocessing as mp
 
 from trainers.config import ConfigError, TrainConfig
-from trainers.train import checkpoint_history, train
+from trainers.checkpoints import checkpoint_history
+from trainers.train import train
 
+pytestmark = pytest.mark.slow  # every test here spawns torch.distributed processes
 CASES = {
     "local": {"distributed.algorithm": "local", "distributed.local_steps": 2},
     "local-slowmo": {"distributed.algorithm": "local", "distributed.local_steps": 2,
@@ -34,6 +36,8 @@ CASES = {
                                   "data.augment": True, "data.synthetic.train_size": 370,
                                   "distributed.shards": "reshuffle"},
 }
+CASES["diloco"] = {"distributed.algorithm": "diloco", "distributed.local_steps": 3, "optim.name": "adamw",
+                   "optim.lr": 0.003}
 CASES_K3 = {
     "decentralized-ring": {"distributed.algorithm": "decentralized", "distributed.topology": "ring"},
     "decentralized-random": {"distributed.algorithm": "decentralized", "distributed.topology": "random"},
@@ -255,7 +259,7 @@ def test_a_kill_between_the_ranks_saves_resumes_from_the_epoch_all_ranks_hold(tm
     """Rank 0 wrote epoch 2, rank 1 was killed before it did: both still hold epoch 1 (old files go only
     after the barrier), and the restart, and the history a study backfills, continue from epoch 1."""
     from trainers.results import EpochReport
-    from trainers.train import Checkpoints
+    from trainers.checkpoints import Checkpoints
 
     cfg = config(2, "dist", **{"distributed.algorithm": "local"})
 

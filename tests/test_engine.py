@@ -8,57 +8,12 @@ import math
 import pytest
 import torch
 
-from trainers.config import TrainConfig
-from trainers.data import load_dataset
+from engine_runs import DEVICE, assert_close, build, config, distributed, one_thread, params, run  # noqa: F401
+
 from trainers.engine import WorkerRunner
-from trainers.train import CentralizedRunner, evaluate, make_runner, train
-
-DEVICE = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def config(**overrides) -> TrainConfig:
-    raw = {"data": {"dataset": "synthetic", "split": "test", "augment": False,
-                    "synthetic": {"train_size": 384, "test_size": 128, "image_size": 16, "classes": 4}},
-           "model": {"name": "lenet5-classic"}, "optim": {"name": "sgdm", "lr": 0.05},
-           "schedule": {"name": "cosine"}, "batch_size": 16, "epochs": 2, "device": "cpu"}
-    return TrainConfig.from_dict(raw, overrides)
-
-
-def distributed(algorithm: str, workers: int, **overrides) -> TrainConfig:
-    return config(**{"distributed.algorithm": algorithm, "distributed.workers": workers, **overrides})
-
-
-def build(cfg: TrainConfig):
-    """A runner made as `train()` makes it (same seeding, so the same initial weights)."""
-    torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.data, cfg.seed, log=lambda _: None).to(DEVICE)
-    return make_runner(cfg, data, DEVICE, None)
-
-
-def run(cfg: TrainConfig, runner=None):
-    runner = runner or build(cfg)
-    for epoch in range(cfg.epochs):
-        runner.train_epoch(epoch)
-    return runner
-
-
-def params(runner) -> torch.Tensor:
-    """The evaluated model's parameters and buffers, flat."""
-    state = runner.eval_model().state_dict()
-    return torch.cat([t.detach().double().reshape(-1) for t in state.values()])
-
-
-def assert_close(a, b, rtol=1e-4, atol=1e-5):
-    torch.testing.assert_close(params(a), params(b), rtol=rtol, atol=atol)
+from trainers.runner import CentralizedRunner
+from trainers.steps import evaluate
+from trainers.train import train
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +149,7 @@ VMAP_CASES = {
     "decentralized-ring": {"distributed.algorithm": "decentralized", "distributed.topology": "ring"},
     "decentralized-random": {"distributed.algorithm": "decentralized", "distributed.topology": "random"},
     "decentralized-exponential": {"distributed.algorithm": "decentralized", "distributed.topology": "exponential"},
+    "diloco": {"distributed.local_steps": 3, "optim.name": "adamw", "optim.lr": 0.003},
 }
 
 
@@ -319,6 +275,8 @@ RESUME_CASES = {
                                "distributed.slowmo": {"alpha": 0.9, "beta": 0.7, "nesterov": True}, "epochs": 3},
     "decentralized-random-noise-free": {"distributed.algorithm": "decentralized", "distributed.topology": "random",
                                         "data.augment": True, "epochs": 3},
+    "diloco-midround": {"distributed.algorithm": "diloco", "distributed.local_steps": 3, "optim.name": "adamw",
+                        "optim.lr": 0.003, "epochs": 3},
 }
 
 
@@ -342,3 +300,24 @@ def test_resumed_run_equals_uninterrupted(case, tmp_path):
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["runner"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["runner"]
     assert torch.equal(a["x"], b["x"]) and torch.equal(a["b"], b["b"])
+
+
+@pytest.mark.parametrize("algorithm", ["minibatch", "local", "dynamic-local", "adaptive-local", "decentralized", "diloco"])
+def test_an_epoch_reports_exactly_the_declared_metrics(algorithm):
+    """What `trainers.results.METRICS` declares (spec validation, run totals and report labels read it) is
+    what an epoch of each algorithm reports, and what a centralized epoch reports is the epoch scope."""
+    from trainers.results import CONTROLLED, METRICS
+
+    over = {"distributed.dynamic": {"j_min": 2, "j_max": 4}} if algorithm == "dynamic-local" else {}
+    report = train(distributed(algorithm, 2, epochs=1, **over), log=lambda _: None).history[0]
+    scopes = {"epoch", "engine"} | ({"controller"} if algorithm in CONTROLLED else set())
+    assert set(report.metrics()) == {m.name for m in METRICS if m.scope in scopes}
+    central = train(config(epochs=1), log=lambda _: None).history[0]
+    assert set(central.metrics()) == {m.name for m in METRICS if m.scope == "epoch"}
+
+
+def test_vmap_runs_a_model_with_a_random_op_in_its_forward():
+    cfg = distributed("local", 2, **{"model.name": "engine_runs:dropout_net", "distributed.backend": "vmap",
+                                     "distributed.local_steps": 100, "epochs": 1})
+    runner = run(cfg)
+    assert torch.isfinite(runner.x).all() and not torch.equal(runner.x[0], runner.x[1])

@@ -150,3 +150,11 @@ def test_stacked_workers_equal_separate_workers(name, exclude_1d):
 def test_unknown_optimizer_names_choices():
     with pytest.raises(ValueError, match=r"'adagrad'.*sgdm, adamw, lars, lamb"):
         build_optimizer(_model().named_parameters(), OptimConfig(name="adagrad"), lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["sgdm", "adamw"])
+def test_elementwise_optimizers_keep_torchs_param_groups(name):
+    """`trust` is LARS's and LAMB's group option; torch's own optimizers get their usual groups (and state_dict)."""
+    opt = build_optimizer(_model().named_parameters(), OptimConfig(name=name), lr=0.1)
+    assert all("trust" not in g for g in opt.param_groups)
+    assert type(opt) is {"sgdm": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]

@@ -6,7 +6,8 @@ import torch
 from trainers import ConfigError, TrainConfig
 from trainers.config import ModelConfig
 from trainers.models import build_model
-from trainers.train import CHECKPOINT, train
+from trainers.checkpoints import CHECKPOINT
+from trainers.train import train
 
 
 def quiet(_):
@@ -114,7 +115,7 @@ def test_lenet5_shapes_follow_the_dataset(name, channels, size, fc1_in):
     model = build_model(ModelConfig(name=name), channels, size, 100)
     assert model.fc1.in_features == fc1_in
     assert model(torch.zeros(2, channels, size, size)).shape == (2, 100)
-    if name == "lenet5":  # the first source's widths
+    if name == "lenet5":  # Poiatti et al.'s widths
         assert (model.conv1.out_channels, model.conv2.out_channels) == (64, 64)
         assert (model.fc1.out_features, model.fc2.out_features) == (384, 192)
 

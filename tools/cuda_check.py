@@ -135,14 +135,14 @@ class Runs:
     def __init__(self, device_name: str):
         import torch
 
-        from trainers.train import resolve_device
+        from trainers.steps import resolve_device
 
         self.torch = torch
         self.device = resolve_device(device_name)
 
     def build(self, cfg):
         from trainers.data import load_dataset
-        from trainers.train import make_runner
+        from trainers.runner import make_runner
 
         self.torch.manual_seed(cfg.seed)
         data = load_dataset(cfg.data, cfg.seed, log=lambda _: None).to(self.device)
@@ -178,7 +178,7 @@ class Runs:
         return self.torch.cat([t.detach().double().reshape(-1).cpu() for t in state.values()])
 
     def evaluate(self, runner, cfg):
-        from trainers.train import evaluate
+        from trainers.steps import evaluate
 
         return evaluate(runner.eval_model(), runner.batcher, cfg, self.device)
 

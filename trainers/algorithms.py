@@ -24,7 +24,7 @@ def average_(x: Tensor) -> Tensor:
 
 
 def spread(x: Tensor, mean: Tensor, group=None) -> Tensor:
-    """S = (1/K) sum_k ||mean - x_k||^2 (fifth source, Algorithm 2 line 11), a 0-d tensor: per-worker
+    """S = (1/K) sum_k ||mean - x_k||^2 (Jiang & Agrawal, Alg. 2 line 11), a 0-d tensor: per-worker
     squared norms, then their mean. x holds all K rows, or with a worker `group` (comm.py) the rows of
     this process, summed over the group."""
     squares = torch.linalg.vector_norm(x - mean, dim=1).square()
@@ -64,7 +64,7 @@ def mix_(x: Tensor, w: Tensor) -> None:
 
 
 def ring_matrix(k: int) -> Tensor:
-    """Ring (fourth source; Lian et al. 2017): uniform weights over the closed neighbourhood
+    """Ring (Lian et al. 2017; Zhang et al. 2021): uniform weights over the closed neighbourhood
     {left, self, right}, i.e. 1/3 each for K >= 3. For K = 2 left and right are the same worker, so
     the neighbourhood has 2 members (1/2 each); K = 1 is the identity."""
     w = torch.zeros(k, k, dtype=torch.float64)
@@ -90,7 +90,7 @@ def exponential_matrix(k: int, step: int) -> Tensor:
 
 
 def matching_matrix(k: int, generator: torch.Generator) -> Tensor:
-    """Random perfect matching (the fourth source, section 4: "a learner randomly picks a neighbor with
+    """Random perfect matching (Zhang et al. 2021, section 4: "a learner randomly picks a neighbor with
     which to exchange weights in each iteration"): W = (I + P)/2 with P a random pairing. With K odd one
     worker, drawn at random too, sits the step out (its row is the identity)."""
     perm = torch.randperm(k, generator=generator).tolist()
@@ -113,13 +113,13 @@ def neighbours(w: Tensor) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Dynamic local steps J_t (first source, section 6)
+# Dynamic local steps J_t (Poiatti et al., section 6)
 
 
 def gradient_stats(grads: Tensor, group=None) -> tuple[float, float]:
-    """(G, sigma^2) from the workers' last gradients grads [K, P] (first source, section 6, step i):
+    """(G, sigma^2) from the workers' last gradients grads [K, P] (Poiatti et al., section 6, step i):
         g = (1/K) sum_k g_k;   sigma^2 = sum_k ||g_k - g||^2 / (K - 1);   G = ||g||^2 - sigma^2 / K.
-    The source prints G = ||g||^2 - sigma/k; we follow the DESIGN's sigma^2/K, which makes G an unbiased
+    The paper prints G = ||g||^2 - sigma/k; sigma^2/K here makes G an unbiased
     estimate of ||E g||^2 (E||g||^2 = ||E g||^2 + sigma^2/K). Norms are per worker, then summed. With a
     worker `group` (comm.py) grads holds this process's rows and the mean and sum run over the group."""
     k = grads.shape[0] if group is None else group.world
@@ -133,7 +133,7 @@ def gradient_stats(grads: Tensor, group=None) -> tuple[float, float]:
 
 
 def dynamic_steps(big_g: float, sigma2: float, alpha: float, eps: float, j_min: int, j_max: int) -> int:
-    """J_t = int(min(J_max, max(J_min, alpha * G / (sigma^2 + eps)))) (first source, section 6).
+    """J_t = int(min(J_max, max(J_min, alpha * G / (sigma^2 + eps)))) (Poiatti et al., section 6).
     A negative G (noise dominates) gives J_min; a NaN (a diverging run) gives J_min too."""
     value = alpha * big_g / (sigma2 + eps)
     if math.isnan(value):
@@ -142,7 +142,7 @@ def dynamic_steps(big_g: float, sigma2: float, alpha: float, eps: float, j_min: 
 
 
 # --------------------------------------------------------------------------------------------------
-# ADPSGD adaptive averaging period (fifth source, Algorithm 2)
+# ADPSGD adaptive averaging period (Jiang & Agrawal, Alg. 2)
 
 
 @dataclass

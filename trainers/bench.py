@@ -1,7 +1,7 @@
 """Throughput benchmarks, side by side in one process (the machine is shared and noisy: only ratios
 measured together mean anything).
 
-(a) the first source's way: per-sample torchvision transforms on PIL images through a DataLoader,
+(a) Poiatti et al.'s way: per-sample torchvision transforms on PIL images through a DataLoader,
     fp32, NCHW, a plain loop;
 (b) the trainer core: resident uint8 data, batched augmentation on the device, each precision and
     memory format;
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import load_dataset
-from .train import make_runner, resolve_device, sync
+from .runner import make_runner
+from .steps import resolve_device, sync
 
 
 @dataclass
@@ -69,7 +70,7 @@ def time_runner(cfg: TrainConfig, s: BenchSettings) -> dict:
 
 
 def time_dataloader_baseline(s: BenchSettings) -> dict:
-    """The first source's input pipeline: PIL images, per-sample RandomCrop/Flip/ToTensor/Normalize."""
+    """Poiatti et al.'s input pipeline: PIL images, per-sample RandomCrop/Flip/ToTensor/Normalize."""
     import numpy as np
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset as TorchDataset

@@ -3,7 +3,7 @@ process, torch.distributed collectives across processes) and what it costs (byte
 modeled network time).
 
 The cost model is pure functions. A communication *round* is one averaging (all-reduce) or one gossip exchange.
-The model is the usual latency-bandwidth (alpha-beta) one the DESIGN asks for:
+The model is the usual latency-bandwidth (alpha-beta) one:
 
     comm_time_modeled = rounds * latency + bytes_sent_per_worker / bandwidth
 
@@ -23,11 +23,11 @@ from .config import NetworkConfig
 # magnitude of commodity hardware, not measurements of any one cluster:
 PRESETS: dict[str, tuple[float, float]] = {
     # 10 Gbit/s Ethernet through the kernel TCP stack: MPI/NCCL small-message latency is tens of
-    # microseconds. The fifth source (ADPSGD, section IV-E) emulates this "cloud" setting by throttling
+    # microseconds. Jiang & Agrawal (ADPSGD, section IV-E) emulate this "cloud" setting by throttling
     # its nodes to 10 Gbit/s.
     "10gbe": (30.0, 10.0),
     # 100 Gbit/s EDR InfiniBand with RDMA: about 1-2 us MPI ping-pong latency (Mellanox ConnectX-5 data
-    # sheets quote sub-microsecond adapter latency); the fifth source's HPC cluster.
+    # sheets quote sub-microsecond adapter latency); Jiang & Agrawal's HPC cluster.
     "100gib": (2.0, 100.0),
     # NVLink 3 (A100 SXM): 12 links x 25 GB/s per direction = 300 GB/s = 2400 Gbit/s between GPUs of one
     # node; the latency is that of a NCCL kernel launch and handshake, a few microseconds.

@@ -12,7 +12,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from .registry import ALGORITHMS, BACKENDS, DATASETS, MODELS, OPTIMIZERS, TOPOLOGIES
 
 
 class ConfigError(ValueError):
@@ -45,7 +47,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "synthetic"] = "fashion-mnist"
+    dataset: Annotated[str, DATASETS] = "fashion-mnist"  # choices: trainers/registry.py
     split: Literal["val", "test"] = "val"  # val: seeded 80/20 split of train; test: train on all, test set
     data_dir: str | None = None  # None: $SWEEPER_DATA_DIR, else ./data
     val_fraction: float = 0.2
@@ -68,13 +70,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["lenet5", "lenet5-classic", "resnet"] = "lenet5"
+    name: Annotated[str, MODELS] = "lenet5"  # a registered name, torchvision/<builder> or package.module:callable
     width: int = 16  # resnet: channels of the first stage
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgdm", "adamw", "lars", "lamb"] = "sgdm"
+    name: Annotated[str, OPTIMIZERS] = "sgdm"
     lr: float = 1e-3  # at the reference batch; see schedule.scaling
     momentum: float = 0.9  # sgdm, lars
     nesterov: bool = False  # sgdm, lars
@@ -112,16 +114,28 @@ class ScheduleConfig:
 
 @dataclass
 class SlowMoConfig:
-    """SlowMo (Wang et al. 2020) outer step at each averaging; alpha=1, beta=0 is plain averaging."""
+    """SlowMo (Wang et al. 2020) outer step at each averaging; alpha=1, beta=0 is plain averaging. Its
+    step is scaled by the inner lr (SlowMo, Algorithm 1), unlike DiLoCo's (`distributed.diloco`)."""
 
     alpha: float = 1.0
     beta: float = 0.0
-    nesterov: bool = False  # DiLoCo-style Nesterov outer step
+    nesterov: bool = False  # the Nesterov form of the slow momentum
+
+
+@dataclass
+class DiLoCoConfig:
+    """DiLoCo (Douillard et al. 2023, Algorithm 1): every `distributed.local_steps` (H) inner steps, an
+    outer SGD step with Nesterov momentum on the pseudo-gradient (anchor minus the workers' mean), with
+    its own lr and momentum, independent of the inner schedule."""
+
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
 
 
 @dataclass
 class DynamicConfig:
-    """Dynamic local steps J_t (first source, section 6)."""
+    """Dynamic local steps J_t (Poiatti et al., section 6)."""
 
     alpha: float = 1000.0
     eps: float = 1e-6
@@ -131,7 +145,7 @@ class DynamicConfig:
 
 @dataclass
 class AdaptiveConfig:
-    """ADPSGD adaptive averaging period (fifth source, Algorithm 2)."""
+    """ADPSGD adaptive averaging period (Jiang & Agrawal, Alg. 2)."""
 
     p_init: int = 4
     warmup_epochs: float = 1.0  # period 1 (average every step) during warm-up
@@ -154,17 +168,17 @@ class DistributedConfig:
     """K simulated data-parallel workers. `algorithm: centralized` (the default) is one model."""
 
     workers: int = 1  # K
-    algorithm: Literal["centralized", "minibatch", "local", "post-local", "dynamic-local", "adaptive-local",
-                       "decentralized"] = "centralized"
+    algorithm: Annotated[str, ALGORITHMS] = "centralized"
     local_steps: int = 1  # J: local steps between averagings (local, post-local after the switch)
     switch_epoch: int = 0  # post-local: minibatch SGD before this epoch, Local SGD from it on
     slowmo: SlowMoConfig | None = None  # null: plain averaging
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)  # algorithm diloco's outer optimizer
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
-    topology: Literal["ring", "random", "exponential"] = "ring"  # decentralized gossip graph
+    topology: Annotated[str, TOPOLOGIES] = "ring"  # decentralized gossip graph
     noise_std: float = 0.0  # SSGD*: Gaussian weight noise after each synchronous step (minibatch)
     shards: Literal["contiguous", "random", "reshuffle"] = "contiguous"
-    backend: Literal["serial", "vmap", "dist"] = "serial"
+    backend: Annotated[str, BACKENDS] = "serial"
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     @property
@@ -174,16 +188,19 @@ class DistributedConfig:
     def validate(self, key: str) -> None:
         _check(self.workers >= 1, f"{key}.workers", "must be >= 1")
         _check(self.enabled or self.workers == 1, f"{key}.workers",
-               f"{self.workers} workers need a distributed.algorithm (minibatch, local, post-local, "
-               "dynamic-local, adaptive-local or decentralized); centralized training has one")
+               f"{self.workers} workers need a distributed.algorithm ({', '.join(ALGORITHMS.names()[1:])}); "
+               "centralized training has one")
         _check(self.local_steps >= 1, f"{key}.local_steps", "must be >= 1")
         _check(self.switch_epoch >= 0, f"{key}.switch_epoch", "must be >= 0")
         _check(self.noise_std >= 0, f"{key}.noise_std", "must be >= 0")
         _check(self.noise_std == 0 or self.algorithm == "minibatch", f"{key}.noise_std",
                "weight noise (SSGD*) applies to algorithm=minibatch only")
-        _check(self.slowmo is None or self.algorithm in ("local", "post-local", "dynamic-local", "adaptive-local"),
-               f"{key}.slowmo", f"needs an averaging algorithm (local, post-local, dynamic-local, adaptive-local), "
-               f"not {self.algorithm}")
+        averaging = ALGORITHMS.tagged("averaging")
+        _check(self.slowmo is None or self.algorithm in averaging, f"{key}.slowmo",
+               f"needs an averaging algorithm ({', '.join(averaging)}), not {self.algorithm}")
+        o = self.diloco
+        _check(o.outer_lr > 0, f"{key}.diloco.outer_lr", "must be positive")
+        _check(0 <= o.outer_momentum < 1, f"{key}.diloco.outer_momentum", "must lie in [0, 1)")
         if self.slowmo is not None:
             _check(self.slowmo.alpha > 0, f"{key}.slowmo.alpha", "must be positive")
             _check(0 <= self.slowmo.beta < 1, f"{key}.slowmo.beta", "must lie in [0, 1)")
@@ -489,7 +506,7 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # extras: the registries of Annotated fields
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
@@ -505,6 +522,11 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key + ".")
+    if origin is Annotated:  # Annotated[str, REGISTRY]: the registry checks the value (trainers/registry.py)
+        checks = [meta for meta in tp.__metadata__ if callable(getattr(meta, "check", None))]
+        for meta in checks:
+            value = meta.check(value, key)
+        return value if checks else coerce(args[0], value, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

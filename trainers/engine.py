@@ -1,4 +1,4 @@
-"""The K-worker engine: K simulated data-parallel workers (DESIGN, "The K-worker engine").
+"""The K-worker engine: K simulated data-parallel workers.
 
 Each worker k has parameters x_k, its own inner optimizer and scheduler, its own shard and generator, and
 takes local steps with local batch B; an epoch is one pass of every worker over its shard, so
@@ -20,9 +20,8 @@ Backends:
 Time is measured per local step and per communication (CUDA events on a GPU, read once per epoch), and
 communication is counted in rounds and bytes and priced by `comm.py`'s network model.
 
-Sources (/work/shared/seeds, numbered as in DESIGN.md): first = 000 (Local SGD, SlowMo, dynamic J_t in
-section 6), second = 002 (post-local SGD, averaging before evaluation), fourth = 003 (DPSGD, SSGD*),
-fifth = 004 (ADPSGD, Algorithm 2).
+What the workers exchange, and when, is the algorithm's: one class per `distributed.algorithm` in
+`trainers/distributed/` (the protocol is `distributed.base.Algorithm`).
 """
 from __future__ import annotations
 
@@ -36,16 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import algorithms as alg
+from . import algorithms as alg  # noqa: F401 - the update rules, as `engine.alg` (tests patch them there)
 from . import comm
 from .config import ConfigError, TrainConfig
 from .data import Dataset, shard_indices
 from .models import build_model
 from .optim import build_optimizer
+from .registry import ALGORITHMS, BACKENDS
 from .schedules import build_scheduler, scale_lr
-from .train import Batcher, LossMeter, ProgressCallback, autocast
+from .steps import Batcher, LossMeter, ProgressCallback, autocast
 
-AVERAGING = ("local", "post-local", "dynamic-local", "adaptive-local")
 GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads derived seeds far apart
 
 
@@ -295,7 +294,9 @@ class VmapBackend:
                 value = F.cross_entropy(out, targets)
             return value, out
 
-        self.grad_fn = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True))
+        # randomness="different": a model's own random ops (dropout) draw independently per worker, as K
+        # separate models would (vmap refuses random ops unless told how to batch them).
+        self.grad_fn = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True), randomness="different")
 
     @property
     def lr(self) -> float:
@@ -373,9 +374,6 @@ class VmapBackend:
             self.buffers[n].copy_(t)
 
 
-BACKENDS = {"serial": SerialBackend, "vmap": VmapBackend, "dist": SerialBackend}  # dist: one worker per process
-
-
 # --------------------------------------------------------------------------------------------------
 # The runner
 
@@ -386,11 +384,9 @@ class WorkerRunner:
     def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device,
                  on_progress: ProgressCallback | None = None, group=None):
         d = cfg.distributed
-        if d.backend not in BACKENDS:
-            raise ConfigError(f"distributed.backend: unknown backend {d.backend!r}; choose serial, vmap or dist")
         if d.backend == "dist" and not isinstance(group, comm.ProcessGroup):
             raise ConfigError("distributed.backend: dist runs one process per worker: start it with "
-                              "trainers.train() (or `sweeper train`), which launches them, or under torchrun")
+                              "trainers.train.train() (or `sweeper train`), which launches them, or under torchrun")
         self.cfg, self.dist, self.device, self.on_progress = cfg, d, device, on_progress
         self.k = d.workers
         self.group = group if group is not None else comm.LocalGroup(self.k)
@@ -411,58 +407,34 @@ class WorkerRunner:
         self.eval_x, self.eval_b = self.layout.stack(template, 1, device)
         self.eval_module = copy.deepcopy(template)
         self.layout.bind(self.eval_module, self.eval_x, self.eval_b, 0)
-        self.backend = BACKENDS[d.backend](cfg, template, self.layout, self.x, self.b, lr, self.steps_per_epoch,
+        self.backend = BACKENDS.load(d.backend)(cfg, template, self.layout, self.x, self.b, lr, self.steps_per_epoch,
                                            self.batcher, device)
 
         # One generator per worker (shuffling its shard, augmenting its batches); worker 0 uses the run seed.
         self.generators = [torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, k)) for k in self.rows]
-        self.noise_generators = [torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, (1 << 21) + k))
-                                 for k in self.rows]
-        self.gossip_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, (1 << 20) + 1))
-
-        # Algorithm state (all of it in state_dict).
         self.global_step = 0  # local steps each worker has taken
-        self.since_average = 0  # local steps since the last averaging
-        self.local_phase = d.algorithm != "post-local"  # post-local: minibatch SGD first
-        self.j = d.dynamic.j_min  # dynamic-local: the first period is J_min (synchronise early, cheaply)
-        total_steps = cfg.epochs * self.steps_per_epoch
-        a = d.adaptive
-        self.controller = alg.PeriodController(a.p_init, warmup_steps=round(a.warmup_epochs * self.steps_per_epoch),
-                                               sample_steps=int(a.sample_fraction * total_steps), low=a.low,
-                                               high=a.high)
-        self.anchor = self.x[0].clone() if d.slowmo is not None else None  # SlowMo x_anchor and u
-        self.momentum = torch.zeros_like(self.x[0]) if d.slowmo is not None else None
-        self.trajectory: dict[str, list[float]] = {}
-        self.accumulated: dict[str, float] = {}
 
         self.net = comm.network(d.network)
         elem = self.x.element_size()
         self.grad_bytes = self.layout.p * elem
         self.model_bytes = (self.layout.p + self.layout.q) * elem  # parameters + BatchNorm statistics
-        self.matrices: dict = {}  # gossip matrices on the device, with their peer counts
         self.rounds, self.bytes_sent = 0, 0.0  # of the current epoch
+        self.accumulated: dict[str, float] = {}
+        self.algorithm = ALGORITHMS.load(d.algorithm)(self)
 
     # -- one epoch ---------------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, d = self.cfg, self.dist
+        cfg = self.cfg
         self.backend.train()
         meter = LossMeter(self.device, cfg.divergence_loss, self.group)
         clock = Clock(self.device)
         self.rounds, self.bytes_sent = 0, 0.0
         plan = self._plan(epoch)
-        synchronous = d.algorithm == "minibatch" or (d.algorithm == "post-local" and epoch < d.switch_epoch)
-        if not synchronous and not self.local_phase:  # post-local switches to Local SGD
-            self._enter_local_phase()
+        self.algorithm.start_epoch(epoch)
         for step in range(self.steps_per_epoch):
             batches = [(self._batch(order, step), g) for order, g in zip(plan, self.generators)]
-            lr = self.backend.lr  # the lr this step uses (the schedulers step after it)
-            if synchronous:
-                clean = self._perturb() if d.noise_std > 0 else None
-                self.backend.step(batches, meter, clock, sync=lambda grads, w=clean: self._allreduce(grads, w, clock))
-            else:
-                self.backend.step(batches, meter, clock)
-                self._communicate(lr, clock)
+            self.algorithm.step(batches, meter, clock)
             self.global_step += 1
             if self.on_progress is not None:
                 self.on_progress(step + 1, self.steps_per_epoch)
@@ -477,10 +449,7 @@ class WorkerRunner:
             self.accumulated[key] = self.accumulated.get(key, 0.0) + value
         stats.update(figures)
         stats["local_steps_mean"] = self.steps_per_epoch / max(self.rounds, 1)  # local steps per round
-        if d.algorithm == "dynamic-local":
-            stats["local_steps"] = float(self.j)
-        elif d.algorithm == "adaptive-local":
-            stats["local_steps"] = float(self.controller.period(self.global_step))
+        stats.update(self.algorithm.epoch_figures())
         return stats
 
     def _times(self, local: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -509,123 +478,16 @@ class WorkerRunner:
             start %= len(order)
         return order[start:start + b]
 
-    # -- communication ---------------------------------------------------------------------------------
-
-    def _count(self, bytes_sent: float) -> None:
+    def count(self, bytes_sent: float) -> None:
+        """One communication round of the epoch, in which each worker sent `bytes_sent`."""
         self.rounds += 1
         self.bytes_sent += bytes_sent
-
-    @torch.no_grad()
-    def _perturb(self) -> Tensor:
-        """SSGD* (fourth source, section 2.2): each learner's weights are w_a + delta_j with delta_j i.i.d.
-        N(0, sigma_0^2 I), drawn fresh after each synchronous step from learner j's own generator; the
-        gradients are taken there, the synchronous update applies to the clean w_a. Returns w_a."""
-        clean = self.x[0].clone()
-        for row, generator in zip(self.x, self.noise_generators):
-            noise = torch.randn(row.shape, generator=generator, device=self.device, dtype=self.x.dtype)
-            row.add_(noise, alpha=self.dist.noise_std)
-        return clean
-
-    @torch.no_grad()
-    def _allreduce(self, grads: list[Tensor], clean: Tensor | None, clock: Clock) -> None:
-        """minibatch (FULLSGD): average the workers' gradients, so every worker takes the same step."""
-        start = clock.now()
-        for g in grads:
-            self.group.average_(g)
-        if clean is not None:
-            self.x.copy_(clean.expand_as(self.x))
-        clock.comm(start)
-        self._count(comm.allreduce_bytes(self.grad_bytes, self.k))
-
-    def _communicate(self, lr: float, clock: Clock) -> None:
-        """After a local step of every worker: gossip (decentralized) or, at the end of a period, average."""
-        if self.dist.algorithm == "decentralized":
-            self._gossip(clock)
-            return
-        self.since_average += 1
-        if self.dist.algorithm == "dynamic-local":
-            period = self.j
-        elif self.dist.algorithm == "adaptive-local":
-            period = self.controller.period(self.global_step)
-        else:
-            period = self.dist.local_steps
-        if self.since_average >= period:
-            self._average(lr, clock)
-            self.since_average = 0
-
-    @torch.no_grad()
-    def _gossip(self, clock: Clock) -> None:
-        """DPSGD: x_k <- sum_j W_kj x_j after every local step (the DESIGN's adapt-then-combine order: each
-        worker steps, then mixes; the fourth source's eq. 2 mixes before applying the gradient, which
-        differs only in that the gradient step is not itself mixed). Optimizer state is not mixed."""
-        start = clock.now()
-        w, peers = self._mixing_matrix()
-        self.group.mix_(self.x, w)
-        if self.layout.q:
-            self.group.mix_(self.b, w)
-        clock.comm(start)
-        self._count(comm.gossip_bytes(self.model_bytes, peers))
-
-    def _mixing_matrix(self) -> tuple[Tensor, int]:
-        """W for this gossip step, on the device, and how many peers each worker sends to. The ring's and
-        the exponential graph's few matrices are built once; a random matching is drawn every step."""
-        topology = self.dist.topology
-        if topology == "random":
-            return self._placed(alg.matching_matrix(self.k, self.gossip_generator))
-        key = 0 if topology == "ring" else self.global_step % max(1, (self.k - 1).bit_length())
-        if key not in self.matrices:
-            w = alg.ring_matrix(self.k) if topology == "ring" else alg.exponential_matrix(self.k, key)
-            self.matrices[key] = self._placed(w)
-        return self.matrices[key]
-
-    def _placed(self, w: Tensor) -> tuple[Tensor, int]:
-        return self.group.place(w, self.x), alg.neighbours(w)  # peers counted on the host
-
-    @torch.no_grad()
-    def _average(self, lr: float, clock: Clock) -> None:
-        """An averaging round of local / post-local / dynamic-local / adaptive-local, after global step
-        `self.global_step`, whose lr was `lr`."""
-        d, x = self.dist, self.x
-        start = clock.now()
-        mean = self.group.mean(x)
-        bytes_sent = comm.allreduce_bytes(self.model_bytes, self.k)
-        if d.algorithm == "adaptive-local":
-            s = float(alg.spread(x, mean, self.group))  # one extra scalar all-reduce (source: negligible)
-            p = self.controller.update(self.global_step, s, lr)
-            self._record(adaptive_step=self.global_step, adaptive_S=s, adaptive_lr=lr, adaptive_period=p)
-        if d.algorithm == "dynamic-local":
-            # The statistics need the mean gradient: one more all-reduce, of the P gradient values.
-            big_g, sigma2 = alg.gradient_stats(self.backend.grads(), self.group)
-            self.j = alg.dynamic_steps(big_g, sigma2, d.dynamic.alpha, d.dynamic.eps, d.dynamic.j_min, d.dynamic.j_max)
-            bytes_sent += comm.allreduce_bytes(self.grad_bytes, self.k)
-            self._record(dynamic_step=self.global_step, dynamic_J=self.j, dynamic_G=big_g, dynamic_sigma2=sigma2)
-        if d.slowmo is not None:
-            alg.slowmo_(self.anchor, self.momentum, mean, lr, d.slowmo.alpha, d.slowmo.beta, d.slowmo.nesterov)
-            mean = self.anchor
-        x.copy_(mean.expand_as(x))
-        if self.layout.q:  # BatchNorm statistics: plain averaging
-            self.group.average_(self.b)
-        clock.comm(start)
-        self._count(bytes_sent)
-
-    def _enter_local_phase(self) -> None:
-        """post-local at `switch_epoch`: the workers are identical after minibatch SGD; Local SGD (and
-        SlowMo's anchor) starts from there."""
-        self.local_phase = True
-        self.since_average = 0
-        if self.anchor is not None:
-            self.anchor.copy_(self.x[0])
-            self.momentum.zero_()
-
-    def _record(self, **values: float) -> None:
-        for key, value in values.items():
-            self.trajectory.setdefault(key, []).append(value)
 
     # -- the runner protocol -----------------------------------------------------------------------
 
     @torch.no_grad()
     def eval_model(self) -> nn.Module:
-        """The average of the workers' parameters and BatchNorm statistics (the second source: models are
+        """The average of the workers' parameters and BatchNorm statistics (Gonzalez Ortiz et al.: models are
         averaged before evaluation), in a module of its own: the workers are untouched."""
         self.eval_x.copy_(self.group.mean(self.x).unsqueeze(0))
         self.eval_b.copy_(self.group.mean(self.b).unsqueeze(0))
@@ -641,38 +503,25 @@ class WorkerRunner:
         return out
 
     def algorithm_state(self) -> dict:
-        state: dict = {"algorithm": self.dist.algorithm, "workers": self.k, "local_steps_taken": self.global_step}
-        state.update({key: list(values) for key, values in self.trajectory.items()})
-        if self.dist.algorithm == "adaptive-local":
-            state["adaptive_C2"] = self.controller.c2
-        return state
+        return {"algorithm": self.dist.algorithm, "workers": self.k, "local_steps_taken": self.global_step,
+                **self.algorithm.describe()}
 
     def state_dict(self) -> dict:
         return {"x": self.x.clone(), "b": self.b.clone(), "backend": self.backend.state_dict(),
-                "generators": [g.get_state() for g in self.generators],
-                "noise_generators": [g.get_state() for g in self.noise_generators],
-                "gossip_generator": self.gossip_generator.get_state(),
-                "global_step": self.global_step, "since_average": self.since_average,
-                "local_phase": self.local_phase, "j": self.j, "controller": self.controller.state_dict(),
-                "anchor": None if self.anchor is None else self.anchor.clone(),
-                "momentum": None if self.momentum is None else self.momentum.clone(),
-                "trajectory": copy.deepcopy(self.trajectory), "accumulated": dict(self.accumulated)}
+                "generators": [g.get_state() for g in self.generators], "global_step": self.global_step,
+                "accumulated": dict(self.accumulated),
+                "algorithm": {"name": self.dist.algorithm, **self.algorithm.state_dict()}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint. A state of another algorithm (minibatch SGD's, say) restores the workers,
+        their optimizers and generators, and this algorithm starts afresh from there."""
         self.x.copy_(state["x"])
         self.b.copy_(state["b"])
         self.backend.load_state_dict(state["backend"])
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s.cpu())
-        for g, s in zip(self.noise_generators, state["noise_generators"]):
-            g.set_state(s.cpu())
-        self.gossip_generator.set_state(state["gossip_generator"].cpu())
-        self.global_step, self.since_average = state["global_step"], state["since_average"]
-        self.local_phase, self.j = state["local_phase"], state["j"]
-        self.controller.load_state_dict(state["controller"])
-        if self.anchor is not None:
-            self.anchor.copy_(state["anchor"])
-            self.momentum.copy_(state["momentum"])
-        self.trajectory = copy.deepcopy(state["trajectory"])
+        self.global_step = state["global_step"]
         self.accumulated = dict(state["accumulated"])
+        if state["algorithm"]["name"] == self.dist.algorithm:
+            self.algorithm.load_state_dict(state["algorithm"])

@@ -1,4 +1,4 @@
-"""The dist backend's processes: one per worker under torch.distributed (DESIGN, "The K-worker engine").
+"""The dist backend's processes: one per worker under torch.distributed.
 
 Two ways in:
 - torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): every process calls
@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
+from .loop import run_loop
+from .steps import resolve_device
 
 POLL_S = 0.5  # how often the relay looks at its processes while waiting for a message
 PROGRESS_UPDATES = 100  # progress messages per epoch at most
@@ -52,10 +54,24 @@ def join(cfg: TrainConfig, device: torch.device) -> tuple[torch.device, bool]:
     return device, created
 
 
+def run_rank(cfg: TrainConfig, on_epoch, checkpoint_dir, on_progress, log):
+    """Inside a rank (started by `launch` or torchrun): join the group and train this rank's worker; only
+    rank 0 evaluates and calls back."""
+    from .comm import ProcessGroup
+
+    device, created = join(cfg, resolve_device(cfg.device))
+    group = ProcessGroup(device)
+    if not group.reports:
+        on_epoch, on_progress = None, None
+    try:
+        return run_loop(cfg, device, group, on_epoch, checkpoint_dir, on_progress, log)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def launch(cfg: TrainConfig, on_epoch, checkpoint_dir, on_progress, log):
     """Run `cfg` on K local processes and relay rank 0's reports to the callbacks; returns its TrainResult."""
-    from .train import resolve_device
-
     k = cfg.distributed.workers
     device = resolve_device(cfg.device)
     if device.type == "cuda" and torch.cuda.device_count() < k:
@@ -141,8 +157,6 @@ def _rank_main(rank: int, world: int, port: int, cfg: TrainConfig, checkpoint_di
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     torch.set_num_threads(threads)
-    from .train import train
-
     reporter = rank == 0
     state = {"every": 1}
 
@@ -152,10 +166,10 @@ def _rank_main(rank: int, world: int, port: int, cfg: TrainConfig, checkpoint_di
             messages.put(("progress", (step, total)))
 
     try:
-        result = train(cfg, on_epoch=(lambda report: messages.put(("epoch", report))) if reporter else None,
-                       checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
-                       on_progress=on_progress if reporter else None,
-                       log=(lambda line: messages.put(("log", line))) if reporter else (lambda line: None))
+        result = run_rank(cfg.validate(), on_epoch=(lambda report: messages.put(("epoch", report))) if reporter else None,
+                          checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+                          on_progress=on_progress if reporter else None,
+                          log=(lambda line: messages.put(("log", line))) if reporter else (lambda line: None))
         if reporter:
             messages.put(("result", result))
     except BaseException as err:  # noqa: BLE001 - every failure is reported to the relay, then re-raised

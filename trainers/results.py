@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .registry import ALGORITHMS
+
 Status = Literal["completed", "diverged"]
 
 
@@ -65,14 +67,51 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 # Which metrics a config reports (torch-free: `sweeper study validate` checks a study's objective with it)
 
-# The K-worker engine's per-epoch figures (`trainers.engine.Engine.train_epoch`, also its run totals); only
-# a run whose `distributed.algorithm` is not `centralized` has them. tests/test_validate.py checks this list
-# against the engine's source.
-ENGINE_METRICS = ("compute_time", "compute_time_parallel", "comm_rounds", "comm_bytes", "comm_time_measured",
-                  "comm_time_modeled", "wall_time_modeled", "local_steps_mean")
-# The engine's per-epoch J_t (dynamic-local) or averaging period p (adaptive-local) at the epoch's end.
-CONTROLLER_METRICS = ("local_steps",)
-CONTROLLED = ("dynamic-local", "adaptive-local")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure a run reports: spec validation, run totals, a study's objective and report labels all
+    read it from here."""
+
+    name: str
+    label: str  # for tables and plots
+    unit: str = ""
+    additive: bool = False  # per-epoch values add up to a run total (a study's objective takes the total)
+    scope: Literal["epoch", "engine", "controller"] = "epoch"  # engine: K-worker runs only; controller:
+    # dynamic-local and adaptive-local only
+
+    @property
+    def title(self) -> str:
+        return f"{self.label} [{self.unit}]" if self.unit else self.label
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("train_loss", "Train loss"),
+    Metric("train_acc", "Train accuracy", "%"),
+    Metric("eval_loss", "Eval loss"),
+    Metric("eval_acc", "Eval accuracy", "%"),
+    Metric("lr", "Learning rate"),
+    Metric("epoch_time", "Training time", "s", additive=True),
+    Metric("eval_time", "Evaluation time", "s", additive=True),
+    Metric("images_per_sec", "Training images per second", "img/s"),
+    Metric("compute_time", "Computation time", "s", additive=True, scope="engine"),
+    Metric("compute_time_parallel", "Parallel computation time", "s", additive=True, scope="engine"),
+    Metric("comm_rounds", "Communication rounds", additive=True, scope="engine"),
+    Metric("comm_bytes", "Bytes sent per worker", "B", additive=True, scope="engine"),
+    Metric("comm_time_measured", "Communication time", "s", additive=True, scope="engine"),
+    Metric("comm_time_modeled", "Modeled communication time", "s", additive=True, scope="engine"),
+    Metric("wall_time_modeled", "Modeled wall time", "s", additive=True, scope="engine"),
+    Metric("local_steps_mean", "Local steps per round", scope="engine"),
+    Metric("local_steps", "Local steps (J_t or period p)", scope="controller"),
+)
+BY_NAME = {m.name: m for m in METRICS}
+ADDITIVE = tuple(m.name for m in METRICS if m.additive)
+# The K-worker engine's per-epoch figures (`engine.WorkerRunner.train_epoch`, also its run totals);
+# tests/test_validate.py checks them against the engine's source.
+ENGINE_METRICS = tuple(m.name for m in METRICS if m.scope == "engine")
+CONTROLLER_METRICS = tuple(m.name for m in METRICS if m.scope == "controller")
+CONTROLLED = ALGORITHMS.tagged("controlled")
 
 
 def epoch_metrics() -> tuple[str, ...]:
