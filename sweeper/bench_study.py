@@ -14,7 +14,7 @@ kept. The headline is
 
     overhead = (median wall of b - median wall of a) / median wall of b
 
-i.e. what `sweeper study run` costs over the plainest script that trains the same configs. The brief's
+i.e. what `sweeper study run` costs over the plainest script that trains the same configs. A
 narrower baseline, the sum of the bare `train()` calls alone (which charges Python's start and the torch
 import to the orchestration too), is reported beside it.
 

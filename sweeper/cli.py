@@ -111,7 +111,7 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout.")
 def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, worker_counts, study_bench, trials,
           epochs, trial_seconds, train_size, dataset, threads, fresh_stores, keep_dir, with_report, as_json):
-    """Training throughput side by side: the first source's DataLoader loop vs the trainer core,
+    """Training throughput side by side: Poiatti et al.'s DataLoader loop vs the trainer core,
     K-worker backends, GFLOP/s against the device's matmul peak. With --study: what a study's
     orchestration costs over bare training of the same trials."""
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
@@ -152,8 +152,16 @@ def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, wor
 @click.option("--backend-store-uri", default=None, envvar="MLFLOW_BACKEND_STORE_URI", show_envvar=True,
               help="The database MLflow stores runs in [default: sqlite:///mlruns/mlflow.db]. With a password "
                    "in it, prefer the environment variable: `ps` shows arguments to every user.")
-def server(host, port, backend_store_uri):
-    """Start a real MLflow tracking server + UI on the local store."""
+@click.option("--study", "study_name", default=None, metavar="NAME",
+              help="Print only the link to this study's experiment (an error if the store has none).")
+@click.option("--allowed-hosts", default=None, metavar="HOSTS",
+              help="Comma-separated Host headers the server accepts (MLflow's --allowed-hosts; default: "
+                   "localhost and private IPs). Needed to reach it by a public name or address.")
+@click.option("--workers", default=None, metavar="N", help="Server worker processes (mlflow server --workers).")
+def server(host, port, backend_store_uri, study_name, allowed_hosts, workers):
+    """Start a real MLflow tracking server + UI on the local store, and print a link per study: it opens
+    the study's trials compared (one row per trial, the objective and varied parameters as columns,
+    ordered by the objective; charts led by the objective's and the loss's curves)."""
     from pathlib import Path
 
     from .tracking import DEFAULT_TRACKING_URI, TrackingError, artifact_root
@@ -168,17 +176,47 @@ def server(host, port, backend_store_uri):
         from .mlflow_store import prepare
 
         prepare(uri)  # built aside and moved into place: a server killed at start leaves no half store
+        # A local store answers at once; a database server that is down would hold the server's start
+        # for minutes in MLflow's connection retries: its studies are listed only when one is asked for.
+        local = uri.startswith("sqlite:")
+        links = study_links(uri, host, port, study_name) if local or study_name else []
     except TrackingError as err:
         raise CLIError(str(err)) from None
     # The store goes by environment (`mlflow server` reads MLFLOW_BACKEND_STORE_URI), not by argument:
     # the URI may hold a password, and `ps` shows every process's arguments to every user.
     args = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port)]
+    if allowed_hosts:
+        args += ["--allowed-hosts", allowed_hosts]
+    if workers:
+        args += ["--workers", str(workers)]
     root = artifact_root(uri)
     if root:
         Path(root[len("file://"):]).mkdir(parents=True, exist_ok=True)
         args += ["--default-artifact-root", root]
-    click.echo(f"MLflow UI at http://{host}:{port} (store {public(uri)}); Ctrl-C stops it", err=True)
+    from .mlflow_ui import browse_host
+
+    click.echo(f"MLflow UI at http://{browse_host(host)}:{port} (store {public(uri)}); Ctrl-C stops it", err=True)
+    for name, link in links:
+        click.echo(f"study {name}: {link}")
+    if not local and not study_name:
+        click.echo("a study's comparison view: sweeper server --study NAME (same options)", err=True)
+    sys.stdout.flush()
     os.execve(sys.executable, args, {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
+
+
+def study_links(uri: str, host: str, port: int, study_name: str | None) -> list[tuple[str, str]]:
+    """(study, link) of the studies the store holds (or of `study_name`: a TrackingError if it has none)."""
+    from mlflow.tracking import MlflowClient
+
+    from .mlflow_ui import browse_host
+    from .mlflow_ui import study_links as links_of
+    from .tracking import TrackingError
+
+    links = links_of(MlflowClient(tracking_uri=uri), f"http://{browse_host(host)}:{port}", study_name)
+    if study_name is not None and not links:
+        raise TrackingError(f"--study {study_name}: no such study in this store (run it first: "
+                            f"sweeper study run SPEC)")
+    return links
 
 
 from .study_cli import study, worker  # noqa: E402

@@ -177,7 +177,7 @@ _QUOTED = re.compile(r"[\"']([^\"']+)[\"']")
 @cache
 def _cheap_head() -> str | None:
     """The head revision of the migration scripts MLflow ships, read as text without importing them
-    (alembic's ScriptDirectory imports them, and MLflow with them: ~2 s). None if it is not one head."""
+    (alembic's ScriptDirectory imports them, and MLflow with them: seconds). None if it is not one head."""
     spec = importlib.util.find_spec("mlflow")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,35 @@ from typing import Any
 import yaml
 
 from .tracking import STATE_DIR, RunLogger, connect, logger_for, replay_spool, start_run
+
+SYSTEM_METRICS_INTERVAL = float(os.environ.get("SWEEPER_SYSTEM_METRICS_INTERVAL", "2"))
+DATA_LINE = re.compile(r"(?P<name>[\w.-]+): (?P<train>\d+) train / (?P<eval>\d+) (?P<split>\w+) examples of "
+                       r"(?P<channels>\d+)x(?P<size>\d+)x\d+, (?P<classes>\d+) classes, from (?P<source>.+)$")
+
+
+def dataset_inputs(cfg, data: dict) -> list[dict]:
+    """The trial's data as MLflow dataset inputs: the training part and the evaluated part (the validation
+    split or the test set), each with its number of examples. The digest identifies the examples the
+    trainer selected (dataset, source, split, its seed and fraction, subset), not the bytes: hashing
+    the images would cost the study seconds per trial."""
+    import hashlib
+
+    d = cfg.data
+    out = []
+    for context, count in (("train", data["train"]), (data["split"], data["eval"])):
+        ident = json.dumps([data["name"], data["source"], d.split, d.val_fraction if d.split == "val" else None,
+                            cfg.seed if d.split == "val" else None, d.subset, context, count])
+        profile = {"num_examples": count, "classes": data["classes"],
+                   "shape": [data["channels"], data["size"], data["size"]], "split": context}
+        schema = {"mlflow_tensorspec": {"features": json.dumps([{"name": "image", "type": "tensor", "tensor-spec": {
+            "dtype": "uint8", "shape": [-1, data["channels"], data["size"], data["size"]]}}]),
+            "targets": json.dumps([{"name": "label", "type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}}])}}
+        out.append({"name": f"{data['name']}-{context}", "digest": hashlib.sha256(ident.encode()).hexdigest()[:8],
+                    "source_type": "local" if data["source"].startswith("/") else "code", "source":
+                    json.dumps({"uri": data["source"]} if data["source"].startswith("/") else {"tags": {
+                        "sweeper.data": data["source"]}}),
+                    "schema": json.dumps(schema), "profile": json.dumps(profile), "context": context})
+    return out
 
 
 def default_run_name(cfg) -> str:
@@ -69,12 +100,19 @@ class TrackedRun:
     spooled."""
 
     def __init__(self, client, experiment: str, key: str, run_name: str, parent: RunLogger | None,
-                 run_id: str | None = None, tags: dict | None = None):
+                 run_id: str | None = None, tags: dict | None = None, start_time: float | None = None,
+                 system_metrics: bool = True):
         self.stage = STATE_DIR / "runs" / key.replace("/", "-")
         self.stage.mkdir(parents=True, exist_ok=True)
+        self.started = time.time() if start_time is None else start_time  # when the trial began, not the delivery
+        self.data: dict[str, Any] | None = None  # what the trainer said of its data (see data_log)
+        self.data_logged, self.cfg = False, None
         self.logger = logger_for(client, run_id, create={
             "experiment": experiment, "run_name": run_name, "parent": parent, "key": key,
-            "tags": {k: str(v) for k, v in (tags or {}).items()}})
+            "start_time": int(self.started * 1000),
+            "tags": {"sweeper.kind": "trial", **{k: str(v) for k, v in (tags or {}).items()}}})
+        if system_metrics:
+            self.logger.system_metrics(SYSTEM_METRICS_INTERVAL)
 
     @property
     def run_id(self) -> str | None:
@@ -82,6 +120,7 @@ class TrackedRun:
 
     def start(self, cfg, tags: dict, restored=()) -> None:
         """Params, tags, the resolved config; epochs a checkpoint holds but the run may lack."""
+        self.cfg = cfg
         self.logger.set_tags(tags)
         self.logger.log_params(cfg.flat())
         path = self.stage / "config.yaml"
@@ -94,13 +133,46 @@ class TrackedRun:
         """Log one epoch; with `once`, only if the run lacks it. A retried trial's run may hold epochs
         its checkpoint does not: train() reports an epoch while its checkpoint is still being written,
         so a kill in that window leaves the epoch in MLflow and the retry trains and reports it again."""
+        if not self.data_logged:
+            self.log_data()
         if once:
             self.logger.backfill([(report.epoch, report.metrics(finite=False))], key="epoch_time")
         else:
             self.logger.log_metrics(report.metrics(finite=False), step=report.epoch)
 
-    def finish(self, result, tags: dict, title: str) -> None:
+    def data_log(self, log):
+        """`log` for train(): also reads the trainer's line about its data ("NAME: N train / M val
+        examples of CxHxW, K classes, from SOURCE") and logs the data as MLflow dataset inputs."""
+        def on_line(message, *args, **kwargs):
+            found = DATA_LINE.match(str(message)) if self.data is None else None
+            if found:
+                self.data = {k: (int(v) if v.isdigit() else v) for k, v in found.groupdict().items()}
+            return log(message, *args, **kwargs)
+
+        return on_line
+
+    def log_data(self, cfg=None) -> None:
+        cfg = cfg or self.cfg
+        if self.data is not None and cfg is not None and not self.data_logged:
+            self.logger.log_inputs(dataset_inputs(cfg, self.data))
+            self.data_logged = True
+
+    def finish(self, result, tags: dict, title: str, cfg=None, checkpoint_dir: Path | None = None,
+               objective: float | None = None) -> None:
+        """The final figures and the run's end; with `checkpoint_dir`, the trained model (built and logged
+        by the courier from the trial's last checkpoint: nothing here waits for it)."""
         log_result(self.logger, result, self.run_id, stage=self.stage, once=True)
+        if objective is not None and math.isfinite(objective):
+            self.logger.backfill([(result.epochs_completed, {"objective": objective})], key="objective")
+        cfg = cfg or self.cfg
+        if cfg is not None:
+            self.log_data(cfg)
+        if cfg is not None and checkpoint_dir is not None and self.data is not None and result.history:
+            self.logger.log_model(Path(checkpoint_dir), {
+                "config": cfg.to_dict(), "input_shape": [self.data["channels"], self.data["size"],
+                                                         self.data["classes"]],
+                "epoch": result.epochs_completed, "eval_acc": result.history[-1].eval_acc,
+                "dataset": self.data["name"]})
         self.logger.log_plot(self.stage / "curves.png", curves(result.history), title)
         self.end("FINISHED", tags)
 
@@ -187,8 +259,7 @@ def run_training(config_path, overrides, tracking_uri=None, experiment="sweeper-
 # --------------------------------------------------------------------------------------------------
 # A study trial's figures
 
-ADDITIVE = ("compute_time", "compute_time_parallel", "comm_rounds", "comm_bytes", "comm_time_measured",
-            "comm_time_modeled", "wall_time_modeled", "epoch_time", "eval_time")
+from trainers.results import ADDITIVE  # noqa: E402 - run totals: the metrics declared additive
 
 
 def trial_summary(history, status: str) -> dict[str, Any]:
@@ -234,6 +305,6 @@ def objective_value(spec, result) -> float:
 
 def restored_history(ckpt_dir: Path) -> list:
     """The epochs a checkpoint holds (they are not reported again by train(), so we log them)."""
-    from trainers.train import checkpoint_history
+    from trainers.checkpoints import checkpoint_history
 
     return checkpoint_history(ckpt_dir)

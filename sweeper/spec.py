@@ -13,11 +13,11 @@ import difflib
 import itertools
 import json
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from trainers.config import ConfigError, DistributedConfig, TrainConfig, build, coerce, flatten, load_yaml
+from trainers.config import ConfigError, TrainConfig, build, coerce, flatten, load_yaml, parse_override, set_dotted
+from trainers.registry import ALGORITHMS as REGISTERED_ALGORITHMS
 from trainers.results import all_metrics, metrics_for, reported_metrics
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # used in paths and MLflow experiment names (fullmatch)
@@ -27,7 +27,7 @@ MAX_CORNERS = 512  # search spaces with more corner combinations are validated o
 # the config (the engine's figures need a K-worker distributed.algorithm). Checked for every grid point and
 # search corner, so that a study never starts trials that cannot have a value.
 KNOWN_METRICS = all_metrics()
-ALGORITHMS = typing.get_args(typing.get_type_hints(DistributedConfig)["algorithm"])
+ALGORITHMS = REGISTERED_ALGORITHMS.names()
 
 
 class SpecError(ConfigError):
@@ -117,6 +117,7 @@ class StudySpec:
     heartbeat: HeartbeatSpec = field(default_factory=HeartbeatSpec)
     base_from: BaseFrom | None = None
     description: str = ""
+    overrides: list[str] = field(default_factory=list)  # the --set items this spec was made with (recorded)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for storing with the study
     source: str = ""  # the file, or "study NAME", for error messages
     _base_error: str | None = field(default=None, repr=False)
@@ -124,10 +125,13 @@ class StudySpec:
     # -- construction --------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "spec") -> "StudySpec":
+    def from_dict(cls, raw: dict, source: str = "spec", validate: bool = True) -> "StudySpec":
+        """Parse and (unless `validate=False`: a spec stored with a study, only read) validate RAW: every
+        grid point / search corner is built as a TrainConfig."""
         try:
             spec = _parse(raw, source)
-            spec.validate()
+            if validate:
+                spec.validate()
         except SpecError:
             raise
         except ConfigError as err:
@@ -304,6 +308,86 @@ def load_spec(path: str) -> StudySpec:
     return StudySpec.from_dict(raw, source=str(path))
 
 
+def load_spec_with(path: str, items: list[str] | tuple = (), name: str | None = None) -> StudySpec:
+    """`load_spec`, then `--set` ITEMS and `--name` (see `with_overrides`)."""
+    if not items and name is None:
+        return load_spec(path)
+    try:
+        raw = load_yaml(path)
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
+    return with_overrides(raw, items, str(path), name)
+
+
+# --------------------------------------------------------------------------------------------------
+# --set KEY=VALUE on a spec
+#
+# The first segment of KEY is the spec's top-level key (name, kind, objective, base, grid, search, seeds,
+# budget, sampler, pruner, heartbeat, base_from, description). Under `grid` and `search` the rest of KEY
+# is the dimension's own dotted key, whole: `grid.optim.lr=[0.01,0.1]` sets the dimension `optim.lr`
+# (grid keys contain dots themselves). Under `base` (and every other section) the rest is a dotted key
+# into it: `base.epochs=2`, `base.optim.name=lamb`, `objective.metric=eval_loss`. VALUE is parsed as YAML
+# by the same `trainers.config.parse_override` as `sweeper train --set`, and a mapping merges into a
+# mapping (`base.optim={name: lars, lr: 0.25}`); `seeds=[0,1]`. The result is validated as a whole.
+
+
+def apply_overrides(raw: dict, items: list[str] | tuple) -> dict:
+    """A copy of the spec dict RAW with the `--set` ITEMS applied, in order (see above); the items are
+    appended to its `overrides` record. A ConfigError names the item and the reason."""
+    out = copy.deepcopy(raw) if isinstance(raw, dict) else {}
+    for item in items:
+        key, value = parse_override(item)  # its errors name the item: "override 'KEY=VALUE': ..."
+        head, _, rest = key.partition(".")
+        if head == "overrides" or head not in TOP_KEYS:
+            keys = [k for k in TOP_KEYS if k != "overrides"]
+            close = difflib.get_close_matches(head, keys, n=1)
+            raise SpecError(f"--set {item}: {head}: not a key of a spec; the first part of KEY is one of "
+                            f"{', '.join(keys)}" + (f" (did you mean {close[0]}?)" if close else ""))
+        try:
+            if head in ("grid", "search") and rest:
+                section = out.get(head)
+                if section is None:
+                    section = out[head] = {}
+                if not isinstance(section, dict):
+                    raise ConfigError(f"{head}: is {section!r}, not a mapping of dimensions")
+                section[rest] = value  # the dimension's key is `rest`, dots and all
+            else:
+                set_dotted(out, key, value)
+        except ConfigError as err:
+            raise SpecError(f"--set {item}: {err}") from None
+        out["overrides"] = [*(out.get("overrides") or []), item]
+    return out
+
+
+def with_overrides(raw: dict, items: list[str] | tuple, source: str, name: str | None = None) -> StudySpec:
+    """The spec of RAW with `--set` ITEMS applied and, with NAME, renamed; validated. An error that is
+    about one of the items' keys names that item, else every item given."""
+    items = list(items)
+    out = apply_overrides(raw, items)
+    if name is not None:
+        out["name"] = name
+    try:
+        return StudySpec.from_dict(out, source=source)
+    except SpecError as err:
+        if not items:
+            raise
+        raise SpecError(_blame(str(err), items)) from None
+
+
+def _blame(message: str, items: list[str]) -> str:
+    """`--set ITEM: message` for the item whose key the message is about (the longest such key)."""
+    def keys(item: str) -> list[str]:
+        key = item.split("=", 1)[0].strip()
+        head, _, rest = key.partition(".")
+        return [key] + ([rest] if head == "base" and rest else [])
+
+    found = [(len(k), item) for item in items for k in keys(item)
+             if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message)]
+    if found:
+        return f"--set {max(found)[1]}: {message}"
+    return f"{message} (with --set {' --set '.join(items)})"
+
+
 # --------------------------------------------------------------------------------------------------
 # Parsing
 
@@ -324,6 +408,10 @@ def _parse(raw: Any, source: str) -> StudySpec:
             raise SpecError(f"{source}: {key}: missing (every spec has a name and a kind: grid or tune)")
     simple = {k: raw[k] for k in ("name", "kind", "objective", "budget", "sampler", "pruner", "heartbeat",
                                   "description") if k in raw}
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise SpecError(f"{source}: overrides: expected a list of KEY=VALUE strings (what --set recorded), "
+                        f"got {overrides!r}")
     spec = build(_Header, simple, "")
     _check_header(spec, source)
     base = {} if raw.get("base") is None else raw["base"]
@@ -365,7 +453,7 @@ def _parse(raw: Any, source: str) -> StudySpec:
     return StudySpec(name=spec.name, kind=spec.kind, objective=spec.objective, base=base, grid=grid, search=search,
                      seeds=seeds, budget=spec.budget, sampler=spec.sampler, pruner=spec.pruner,
                      heartbeat=spec.heartbeat, base_from=base_from, description=spec.description,
-                     raw=copy.deepcopy(raw), source=source)
+                     overrides=list(overrides), raw=copy.deepcopy(raw), source=source)
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import click
 
@@ -20,7 +21,15 @@ WORKERS_HELP = ("Run N worker processes on this machine that share the study [de
                 "do not hold over NFS); workers on several machines need a PostgreSQL --storage.")
 
 
+SET_HELP = ("Change the spec: KEY=VALUE, VALUE parsed as YAML (repeatable). KEY's first part is the spec's "
+            "top-level key; under grid/search the rest is the dimension's key (grid.optim.lr=[0.01,0.1]), "
+            "under base a config key (base.epochs=2); seeds=[0,1]. Stored with the study.")
+NAME_HELP = "The study's name (a new study from this spec, e.g. with --set changing what its trials are)."
+
+
 def run_options(f):
+    f = click.option("--name", "new_name", default=None, metavar="NAME", help=NAME_HELP)(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No per-epoch progress; one line per trial.")(f)
     f = click.option("--no-report", is_flag=True,
                      help="Do not build the report when this run completes the study (see `study report`).")(f)
@@ -53,53 +62,82 @@ def study() -> None:
 @study.command("run")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @run_options
-def run_cmd(spec_path, storage, tracking_uri, n_trials, workers, no_report, quiet):
+def run_cmd(spec_path, storage, tracking_uri, n_trials, workers, no_report, quiet, overrides, new_name):
     """Run the study of SPEC (YAML), or continue it: running the same command again after a kill
-    completes what is missing and repeats nothing. The report is built when the study completes."""
-    from .spec import load_spec
+    completes what is missing and repeats nothing. The report is built when the study completes.
+    --set changes the spec (the changed spec and the --set items are stored with the study; continue
+    it with `sweeper study resume NAME`)."""
+    from .spec import load_spec_with
 
     with _errors():
-        _run(load_spec(spec_path), storage, tracking_uri, n_trials, quiet, workers, not no_report,
-             again=f"sweeper study run {spec_path}")
+        spec = load_spec_with(spec_path, overrides, new_name)
+        _run(spec, storage, tracking_uri, n_trials, quiet, workers, not no_report,
+             again=None if (overrides or new_name) else f"sweeper study run {spec_path}")
 
 
 @study.command()
 @click.argument("name")
 @run_options
-def resume(name, storage, tracking_uri, n_trials, workers, no_report, quiet):
-    """Continue study NAME from its stored spec (no file needed)."""
-    from .study import load, open_storage
-
+def resume(name, storage, tracking_uri, n_trials, workers, no_report, quiet, overrides, new_name):
+    """Continue study NAME from its stored spec (no file needed). --set may change what does not
+    decide its trials (budget, heartbeat, ...); a change of its trials needs --name NEW (a new study)."""
     with _errors():
-        _, spec = load(name, open_storage(storage))
+        spec = _stored_spec(name, storage, overrides, new_name)
         _run(spec, storage, tracking_uri, n_trials, quiet, workers, not no_report)
 
 
 @click.command()
 @click.argument("name")
 @run_options
-def worker(name, storage, tracking_uri, n_trials, workers, no_report, quiet):
+@click.option("--relayed", is_flag=True, hidden=True,
+              help="Started by `study run --workers N`, which prints the study's summary and how to resume: "
+                   "print only the trials' lines.")
+def worker(name, storage, tracking_uri, n_trials, workers, no_report, quiet, overrides, new_name, relayed):
     """Join study NAME as one of many workers (e.g. one per machine or GPU over a PostgreSQL --storage):
     each takes the next grid point / TPE sample, a killed one's trial is retried by the others after
     its heartbeat goes stale, and each exits when nothing is left to start. The worker that finishes
-    the study's last trial ends its parent MLflow run and builds the report."""
+    the study's last trial ends its parent MLflow run and builds the report. --set / --name: as for
+    `study resume`."""
+    global _RELAYED
+    _RELAYED = relayed
+    with _errors():
+        spec = _stored_spec(name, storage, overrides, new_name)
+        _run(spec, storage, tracking_uri, n_trials, quiet, workers, not no_report,
+             again=f"sweeper worker {spec.name}", relayed=relayed)
+
+
+def _stored_spec(name, storage, overrides, new_name):
+    """The spec stored with study NAME, with --set OVERRIDES and --name NEW_NAME applied."""
+    from .spec import with_overrides
     from .study import load, open_storage
 
-    with _errors():
-        _, spec = load(name, open_storage(storage))
-        _run(spec, storage, tracking_uri, n_trials, quiet, workers, not no_report, again=f"sweeper worker {name}")
+    _, spec = load(name, open_storage(storage))
+    if overrides or new_name:
+        spec = with_overrides(spec.to_dict(), overrides, f"study {name} (stored spec)", new_name)
+    return spec
 
 
-def _run(spec, storage, tracking_uri, n_trials, quiet, workers=1, report=True, again=None) -> None:
+TRIALS_FAILED = 3  # exit status of a relayed worker whose study is not complete because trials failed
+_RELAYED = False  # this process is a worker of `study run --workers N`: its parent tells the study's story
+
+
+def _run(spec, storage, tracking_uri, n_trials, quiet, workers=1, report=True, again=None, relayed=False) -> None:
     from .study import run
 
     what = f"{len(spec.points())} grid points" if spec.kind == "grid" else f"budget {spec.budget} trials"
-    click.echo(f"study {spec.name} ({spec.kind}, {what}; {spec.objective.direction} {spec.objective.metric})")
-    if workers > 1 and n_trials != 0:  # (--n-trials 0 only creates the study, whatever --workers says)
+    if not relayed:
+        click.echo(f"study {spec.name} ({spec.kind}, {what}; {spec.objective.direction} {spec.objective.metric})")
+    if workers > 1 and n_trials != 0 and not relayed:  # (--n-trials 0 only creates the study)
         return _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again)
     out = run(spec, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, quiet=quiet, echo=click.echo,
-              report=report)
+              report=report, announce=not relayed)
     p = out.progress
+    if relayed:  # one line of this worker's share; the summary is the parent's
+        click.echo(f"worker done: {out.ran} trial(s) here" + (f", {out.failed} failed" if out.failed else "")
+                   + f" in {out.wall_time:.1f} s")
+        if not (p.complete or (n_trials is not None and out.failed == 0)):
+            raise SystemExit(TRIALS_FAILED)
+        return
     _summary(spec, p, out.parent_run_id, out.report)
     if out.ran:
         over = out.overhead
@@ -117,7 +155,8 @@ def _exit_status(spec, p, n_trials, failed: int | None, resume: str | None = Non
     if p.complete or (n_trials is not None and failed == 0):
         return
     resume = resume or f"sweeper study resume {spec.name}"
-    why = f"{failed} trial(s) failed in this run (the FAIL lines above say why)" if failed else "trials failed"
+    why = (f"{failed} trial(s) failed in this run (the FAIL lines above say why)" if failed else
+           "trials failed (the FAIL lines above say why)")
     click.echo(f"study {spec.name} is not complete ({p.done}/{p.total} done): {why}; fix the cause, then "
                f"`{resume}` retries them", err=True)
     raise SystemExit(1)
@@ -143,8 +182,10 @@ def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again) 
     resume = (f"{again or f'sweeper study resume {spec.name}'} --workers {workers}"
               + (f" --storage {storage}" if storage and not secrets(storage) else
                  " (with SWEEPER_STORAGE set to the storage URL)" if storage else ""))
-    failed = ("worker(s) " + ", ".join(f"{i} (exit status {out.codes[i - 1]})" for i in out.failed)
-              + " stopped with an error; their output is above (prefixed [wI])") if out.failed else None
+    crashed = [i for i in out.failed if out.codes[i - 1] != TRIALS_FAILED]  # not: their trials failed
+    trials_failed = len(crashed) < len(out.failed)
+    failed = ("worker(s) " + ", ".join(f"{i} (exit status {out.codes[i - 1]})" for i in crashed)
+              + " stopped with an error; their output is above (prefixed [wI])") if crashed else None
     if out.interrupted and not (p.done >= p.total and not p.running):
         if failed:
             click.echo(failed, err=True)
@@ -154,33 +195,69 @@ def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again) 
             click.echo(f"{failed}; the other workers completed the study", err=True)
             return
         click.echo(failed, err=True)
-    _exit_status(spec, p, n_trials, None if (failed or not n_trials) else 0, resume)
+    _exit_status(spec, p, n_trials, None if (failed or trials_failed or not n_trials) else 0, resume)
 
 
 @study.command()
 @click.argument("name")
 @storage_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(name, storage, as_json):
-    """Trials of study NAME by state, the best so far, the progress and what is running."""
-    from .study import load, open_storage, progress
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with --watch: one per refresh).")
+@click.option("--watch", "-w", "watch", is_flag=False, flag_value=5.0, default=None, type=click.FloatRange(min=0.5),
+              metavar="[SECONDS]", help="Refresh every SECONDS [5] until the study is complete or Ctrl-C.")
+def status(name, storage, as_json, watch):
+    """Trials of study NAME by state (STALE: RUNNING, but its worker is gone or its heartbeat is older than
+    the grace; the next worker retries it), the best so far, elapsed time and ETA, what is running."""
+    from .study.progress import snapshot, status as study_status, status_lines
 
-    with _errors():
-        st, spec = load(name, open_storage(storage))
-        p = progress(st, spec)
+    def read():
+        with _errors():
+            view, spec = snapshot(name, storage)
+            return study_status(view, spec)
+
+    s = read()
+    if watch is None:
+        return _show_status(s, as_json, status_lines)
+    live = None
+    if not as_json and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        render = lambda s: Text("\n".join(status_lines(s) + (  # noqa: E731
+            [] if s.progress.complete else [f"(every {watch:g} s; Ctrl-C stops)"])))
+        live = Live(render(s), console=Console(), auto_refresh=False)
+        live.start()
+    try:
+        while True:
+            if live is None:
+                _show_status(s, as_json, status_lines)
+            if s.progress.complete:
+                break
+            _wait(watch)
+            s = read()
+            if live is not None:
+                live.update(render(s), refresh=True)
+            elif not as_json:
+                click.echo("")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _wait(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def _show_status(s, as_json, lines) -> None:
     if as_json:
-        click.echo(json.dumps({"name": name, "kind": spec.kind, "done": p.done, "total": p.total, "counts": p.counts,
-                               "diverged": p.diverged, "best_value": p.best[1] if p.best else None,
-                               "best_params": p.best[0] if p.best else None, "running": p.running}, default=str))
-        return
-    click.echo(f"study {name} ({spec.kind}): {p.done}/{p.total} done ({100 * p.done / max(p.total, 1):.0f}%)")
-    click.echo("trials: " + (", ".join(f"{k} {v}" for k, v in sorted(p.counts.items())) or "none")
-               + (f" ({p.diverged} diverged)" if p.diverged else ""))
-    if p.best:
-        click.echo(f"best {spec.objective.metric}: {p.best[1]:.4g} at {spec.label(p.best[0])}"
-                   + (" (mean over seeds)" if len(spec.seeds) > 1 else ""))
-    for number, epoch in p.running:
-        click.echo(f"running: trial {number}, epoch {epoch} reported")
+        click.echo(json.dumps(s.to_dict(), default=str))
+    else:
+        for line in lines(s):
+            click.echo(line)
 
 
 @study.command("list")
@@ -188,17 +265,19 @@ def status(name, storage, as_json):
 def list_cmd(storage):
     """Every study in the storage, with its progress and best value."""
     from .spec import SpecError
-    from .study import load, open_storage, progress, public_url, study_names
+    from .study.progress import names, progress, snapshot
 
     with _errors():
-        store = open_storage(storage)
-        names = study_names(store)
-        if not names:
-            click.echo(f"no studies in {public_url(store.url)}; start one with `sweeper study run studies/quickstart.yaml`")
+        found = names(storage)
+        if not found:
+            from .study import public_url, storage_url
+
+            click.echo(f"no studies in {public_url(storage_url(storage))}; start one with "
+                       f"`sweeper study run studies/quickstart.yaml`")
             return
-        for name in names:
+        for name in found:
             try:
-                st, spec = load(name, store)
+                st, spec = snapshot(name, storage)
             except SpecError as err:
                 click.echo(f"{name:<32} ({err})")
                 continue
@@ -291,7 +370,8 @@ class _errors:
         if err is None:
             return False
         if isinstance(err, Interrupted):
-            click.echo(str(err), err=True)
+            # A relayed worker says what it did; how to resume is its parent's line (one command, not N).
+            click.echo(str(err).split(" Resume with:")[0].split(". Resume")[0] if _RELAYED else str(err), err=True)
             raise SystemExit(130)
         if isinstance(err, user_errors()):
             raise CLIError(str(err)) from None

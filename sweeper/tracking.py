@@ -146,12 +146,50 @@ def experiment_id(client, name: str) -> str:
 
 
 def start_run(client, experiment: str, run_name: str, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str:
-    all_tags = dict(tags or {})
+              tags: dict[str, str] | None = None, start_time: int | None = None) -> str:
+    """A new run; `start_time` (ms since the epoch) is when it really started (a courier may create it
+    later), and the run carries the environment's tags (`environment_tags`)."""
+    all_tags = {**environment_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
+    run = client.create_run(experiment_id(client, experiment), start_time=start_time, run_name=run_name,
+                            tags=all_tags)
     return run.info.run_id
+
+
+_ENV_TAGS: dict[str, str] | None = None
+
+
+def environment_tags() -> dict[str, str]:
+    """What produced a run: the git commit of the checkout sweeper runs from (MLflow's own
+    `mlflow.source.git.*` tags: the UI's Version column), the versions of sweeper, torch, optuna and
+    mlflow (read from the installed packages' metadata: nothing is imported), the host. Computed once
+    per process."""
+    global _ENV_TAGS
+    if _ENV_TAGS is None:
+        import socket
+        from importlib import metadata
+
+        tags = {"mlflow.source.name": "sweeper", "mlflow.source.type": "LOCAL", "sweeper.host": socket.gethostname()}
+        for package in ("sweeper", "torch", "optuna", "mlflow"):
+            try:
+                tags[f"sweeper.version.{package}"] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                pass
+        root = Path(__file__).resolve().parents[1]
+        try:
+            def git(*args: str) -> str:
+                return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                      timeout=5, check=True).stdout.strip()
+
+            if (root / ".git").exists():
+                tags["mlflow.source.git.commit"] = git("rev-parse", "HEAD")
+                tags["mlflow.source.git.branch"] = git("rev-parse", "--abbrev-ref", "HEAD")
+                tags["sweeper.git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+        except (OSError, subprocess.SubprocessError):
+            pass  # no git, or not a checkout
+        _ENV_TAGS = tags
+    return dict(_ENV_TAGS)
 
 
 def open_run(client, run_id: str | None, create: dict) -> str:
@@ -184,7 +222,7 @@ def open_run(client, run_id: str | None, create: dict) -> str:
                                      max_results=1)
         parent_id = parents[0].info.run_id if parents else None
     tags = {**create.get("tags", {}), "sweeper.run_key": key}
-    return start_run(client, create["experiment"], create["run_name"], parent_id, tags)
+    return start_run(client, create["experiment"], create["run_name"], parent_id, tags, create.get("start_time"))
 
 
 def param_value(value: Any) -> str:
@@ -261,7 +299,27 @@ class RunLogger:
         self._put(("plot", str(path), curves, title))
 
     def terminate(self, status: str = "FINISHED") -> None:
-        self._put(("terminate", status))
+        """End the run now: its end time is this call's, not the delivery's."""
+        self._put(("terminate", status, int(time.time() * 1000)))
+
+    def set_experiment_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the run's experiment (how MLflow's UI opens it: see mlflow_ui.py)."""
+        self._put(("exptags", {k: str(v) for k, v in tags.items()}))
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Dataset inputs: dicts of name, digest, source_type, source, schema, profile and context
+        (the split: MLflow's `mlflow.data.context` input tag)."""
+        self._put(("inputs", datasets))
+
+    def log_model(self, state_path: str | Path, info: dict) -> None:
+        """Build and log an MLflow PyTorch model in the background, from a file the trial saved
+        (`torch.save` of {"config", "state_dict", "input_shape"}): see `log_pytorch_model`."""
+        self._put(("model", str(state_path), info))
+
+    def system_metrics(self, interval: float = 2.0) -> None:
+        """Log MLflow's system metrics (CPU, memory, disk, network, GPU when present) into the run from now
+        until it is terminated, sampled every `interval` s by the process that delivers."""
+        self._put(("sysmetrics", float(interval)))
 
     def wait_open(self, timeout: float) -> str | None:
         """The run id, waiting up to `timeout` s for the run to be opened, unless the store is failing
@@ -447,9 +505,128 @@ def deliver(client, run_id: str | None, op: tuple) -> str | None:
             render_curves(op[2], op[3], op[1])
         client.log_artifact(run_id, op[1])
     elif kind == "terminate":
-        client.set_terminated(run_id, status=op[1])
+        stop_system_metrics(run_id)
+        client.set_terminated(run_id, status=op[1], end_time=op[2] if len(op) > 2 else None)
+    elif kind == "exptags":
+        exp = client.get_run(run_id).info.experiment_id
+        for key, value in op[1].items():
+            client.set_experiment_tag(exp, key, value)
+    elif kind == "inputs":
+        log_dataset_inputs(client, run_id, op[1])
+    elif kind == "model":
+        log_pytorch_model(client, run_id, op[1], op[2])
+    elif kind == "sysmetrics":
+        start_system_metrics(client, run_id, op[1])
     else:  # pragma: no cover
         raise ValueError(f"unknown tracking op {kind}")
+
+
+def log_dataset_inputs(client, run_id: str, datasets: list[dict]) -> None:
+    """MLflow dataset inputs (the UI's Dataset column and the run page's Datasets), once per digest and
+    context: a resumed trial logs them again."""
+    with _INPUTS_LOCK:  # MLflow's store checks for the dataset, then inserts it: two runs at once collide
+        try:
+            _log_dataset_inputs(client, run_id, datasets)
+        except Exception:  # noqa: BLE001 - another process inserted the same dataset meanwhile: it is there now
+            time.sleep(0.5)
+            _log_dataset_inputs(client, run_id, datasets)
+
+
+_INPUTS_LOCK = threading.Lock()
+
+
+def _log_dataset_inputs(client, run_id: str, datasets: list[dict]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    have = {(d.dataset.digest, next((t.value for t in d.tags if t.key == "mlflow.data.context"), None))
+            for d in client.get_run(run_id).inputs.dataset_inputs}
+    inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d.get("source_type", "local"),
+                                   source=d["source"], schema=d.get("schema"), profile=d.get("profile")),
+                           tags=[InputTag("mlflow.data.context", d["context"])])
+              for d in datasets if (d["digest"], d["context"]) not in have]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+_MODEL_LOCK = threading.Lock()
+# "pickle": the whole module pickled (torch.save), so loading it needs this project's model classes
+# importable; "pt2" (torch.export) would not, but traces every model: seconds of the courier per trial.
+MODEL_FORMAT = os.environ.get("SWEEPER_MODEL_FORMAT", "pickle")
+
+
+def log_pytorch_model(client, run_id: str, checkpoint_dir: str, info: dict) -> None:
+    """An MLflow PyTorch model ("model" of the run: `mlflow.pytorch.load_model("runs:/ID/model")`, or
+    `models:/MODEL_ID`) with its input signature (normalized images [N, C, H, W] -> logits [N, classes]),
+    built from the trial's last checkpoint (the one-model runner's weights: the evaluated model). Torch
+    and the trainer core are imported here, in the courier, only when a study logs a model; one model at
+    a time, at the courier's low priority. A checkpoint gone, or one of the K-worker engine (whose
+    evaluated model is an average the checkpoint does not hold), is a warning and no model."""
+    path = Path(checkpoint_dir) / "checkpoint.pt"
+    if not path.exists():
+        log.warning("no checkpoint in %s; run %s gets no model", checkpoint_dir, run_id[:8])
+        return
+    with _MODEL_LOCK:
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from trainers.config import TrainConfig
+        from trainers.models import build_model
+
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        state = (payload.get("runner") or {}).get("model")
+        if state is None:
+            log.warning("run %s: a K-worker checkpoint holds no single model; no model logged", run_id[:8])
+            return
+        cfg = TrainConfig.from_dict(info["config"])
+        channels, size, classes = info["input_shape"]
+        model = build_model(cfg.model, channels, size, classes)
+        model.load_state_dict(state)
+        model.eval()
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, size, size))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+        mlflow.set_tracking_uri(client.tracking_uri)
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)  # the model's, too
+        meta = {k: v for k, v in info.items() if k != "config"}
+        example = np.zeros((2, channels, size, size), dtype=np.float32)
+        try:
+            mlflow.pytorch.log_model(model, name="model", run_id=run_id, signature=signature,
+                                     input_example=example, serialization_format=MODEL_FORMAT,
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                     metadata={k: str(v) for k, v in meta.items()},
+                                     params={k: str(v) for k, v in meta.items()}, step=int(info.get("epoch", 0)))
+        except Exception as err:  # noqa: BLE001 - a model that cannot be saved is no outage: say so, go on
+            log.warning("run %s: the model could not be logged: %s: %s", run_id[:8], type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")
+            client.set_tag(run_id, "sweeper.model_error", f"{type(err).__name__}: {err}"[:5000])
+
+
+_MONITORS: dict[str, Any] = {}
+
+
+def start_system_metrics(client, run_id: str, interval: float) -> None:
+    """MLflow's SystemMetricsMonitor on this run (in this process: the courier), until `terminate`."""
+    if run_id in _MONITORS:
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                       tracking_uri=client.tracking_uri)
+    except Exception as err:  # noqa: BLE001 - e.g. psutil missing: the run goes on without them
+        log.warning("no system metrics for run %s: %s", run_id[:8], err)
+        return
+    monitor.start()
+    _MONITORS[run_id] = monitor
+
+
+def stop_system_metrics(run_id: str | None) -> None:
+    monitor = _MONITORS.pop(run_id, None) if run_id else None
+    if monitor is not None:
+        monitor.finish()
 
 
 def render_curves(curves: dict[str, list], title: str, path: str | Path) -> Path:
@@ -494,6 +671,8 @@ def replay_spool(client, spool_dir: Path | None = None) -> int:
         try:
             for line in lines[1:]:
                 op = tuple(json.loads(line))
+                if op[0] == "sysmetrics":
+                    continue  # the time they would have measured is past
                 opened = deliver(client, run_id, op)
                 run_id = opened if op[0] == "open" else run_id
         except Exception as err:  # noqa: BLE001 - still down: keep the file for next time
@@ -649,6 +828,10 @@ def courier_main(spool_dir: str) -> None:
     # CPU it leaves (the study waits for them only at its end). The courier's MLflow import and store
     # writes took 4.3-4.4 s of CPU in a study of 8 trials x 5 epochs (the `sweeper bench --study` grid).
     os.nice(COURIER_NICENESS)
+    # MLflow's INFO lines (system metrics started/stopped) and its pickle warning, once per trial, would
+    # go to the study's console.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     inbox = os.fdopen(0, "rb")
     outbox = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

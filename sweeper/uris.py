@@ -28,7 +28,7 @@ STATE_DIR = Path(os.environ.get("SWEEPER_STATE_DIR", "mlruns"))
 DEFAULT_TRACKING_URI = f"sqlite:///{STATE_DIR}/mlflow.db"
 MASK = "***"
 
-# What MLflow 3's client tracks into (mlflow/tracking/_tracking_service/utils.py: the HTTP REST store,
+# What MLflow 3's client tracks into (mlflow.tracking._tracking_service.utils: the HTTP REST store,
 # Databricks, and SQLAlchemy stores for mlflow.store.db.db_types.DATABASE_ENGINES); "file" and plain
 # paths make a FileStore, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; "uc" and
 # "databricks-uc" are registered only to raise. Plugins add schemes through the entry point group below.

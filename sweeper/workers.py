@@ -118,7 +118,9 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
     echo(f"starting {n} worker(s) for {todo} {what} on {public_url(url)} ({join})")
     # The storage and tracking URIs go by environment, not by argument: `ps` shows arguments (passwords).
     uris = {"SWEEPER_STORAGE": url, "MLFLOW_TRACKING_URI": prepared.tracking_uri}
-    command = [sys.executable, "-m", "sweeper.cli", "worker", spec.name, "--quiet"] + (
+    # --relayed: the workers print their trials' lines only; the study's summary, its exit message and the
+    # command that resumes it are this process's (one story, not one per worker).
+    command = [sys.executable, "-m", "sweeper.cli", "worker", spec.name, "--quiet", "--relayed"] + (
         ["--n-trials", str(n_trials)] if n_trials else []) + ([] if report else ["--no-report"])
     gpus = _gpu_count()
     procs: list[subprocess.Popen] = []

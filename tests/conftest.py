@@ -1,5 +1,9 @@
-"""Shared fixtures: a real MLflow tracking server on a free loopback port, tiny synthetic study specs,
-and a working directory per test (the local state lives in ./mlruns)."""
+"""Shared fixtures and helpers: a real MLflow tracking server on a free loopback port, tiny synthetic
+study specs, a working directory per test (the local state lives in ./mlruns), and the queries tests
+make of MLflow and of the Optuna SQLite storage.
+
+Tests marked `slow` (they train on real data, start servers or `sweeper` processes, or take seconds)
+are left out by `make test-fast` (`pytest -m "not slow"`); `make test` runs everything."""
 from __future__ import annotations
 
 import gc
@@ -9,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,8 +23,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One intra-op thread for the tiny models of the tests (and the subprocesses they start): on a 2-core
-# machine that also runs an MLflow server, OpenMP's second thread makes these steps 20x slower, not faster.
+# One intra-op thread for the tiny models of the tests (and the subprocesses they start): with few cores
+# shared with an MLflow server, a second OpenMP thread makes these steps slower, not faster.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY_BASE = {
@@ -61,11 +66,11 @@ class MlflowServer:
         """Start the process; `start` (or `wait`) waits until it answers."""
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.root / "server.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self, timeout: float = 120.0) -> None:
         self.launch()
@@ -106,32 +111,39 @@ class MlflowServer:
             time.sleep(0.1)
 
 
-_SERVER: MlflowServer | None = None
+class _SessionServer:
+    """The session's one MLflow server, launched on first demand."""
+
+    def __init__(self):
+        self.server: MlflowServer | None = None
+
+    def launch(self) -> MlflowServer:
+        if self.server is None:
+            self.server = MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-server-")))
+            self.server.launch()
+        return self.server
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Launch the server as soon as we know a test needs it: it boots (10-30 s on 2 busy cores) while
-    the tests that do not need it run."""
-    global _SERVER
-    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in items):
-        import tempfile
-
-        _SERVER = MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-server-")))
-        _SERVER.launch()
-
-
-def pytest_unconfigure(config):
-    if _SERVER is not None:
-        _SERVER.stop()
-        shutil.rmtree(_SERVER.root, ignore_errors=True)
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_server_boot(request):
+    """Launches the server at the first test's setup when a selected test needs it (it boots while the
+    tests that do not need it run), and stops it at the end of the session. Collection starts nothing."""
+    holder = _SessionServer()
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        holder.launch()
+    yield holder
+    if holder.server is not None:
+        holder.server.stop()
+        shutil.rmtree(holder.server.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def mlflow_server():
-    assert _SERVER is not None
-    if not _SERVER.healthy():
-        _SERVER.wait()
-    return _SERVER
+def mlflow_server(_mlflow_server_boot):
+    """The session's MLflow server, answering /health."""
+    server = _mlflow_server_boot.launch()
+    if not server.healthy():
+        server.wait()
+    return server
 
 
 @pytest.fixture
@@ -212,3 +224,38 @@ def busy_workers(db: Path) -> set[int]:
     except sqlite3.Error:
         return set()
     return {json.loads(value)["pid"] for (value,) in rows}
+
+
+# -- what tests read back -----------------------------------------------------------------------------
+
+
+def child_runs(client, name: str, parent: str):
+    """The MLflow child runs of parent run `parent` in experiment `name`."""
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def run_of(client, name: str, origin: int):
+    """The one MLflow child run of a trial's retry chain (found by tag: the courier may record the id
+    in Optuna only after the trial ended)."""
+    exp = client.get_experiment_by_name(name)
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`optuna.origin_trial` = '{origin}'")
+    return run
+
+
+def steps(client, run_id: str, key: str = "eval_acc") -> list[int]:
+    """The steps at which run `run_id` logged metric `key`, sorted."""
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def first_epoch_logged(db: Path, number: int) -> bool:
+    """Whether trial `number` reported an epoch to Optuna (SQLite storage `db`), read without Optuna so
+    that a test can poll a study another thread or process runs."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return con.execute("select count(*) from trial_intermediate_values v join trials t on "
+                               "t.trial_id = v.trial_id where t.number = ?", (number,)).fetchone()[0] > 0
+    except sqlite3.Error:
+        return False

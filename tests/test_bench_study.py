@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from sweeper.cli import main
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_study_runs_both_arms_and_reports_the_breakdown(tmp_path, monkeypatch):

@@ -92,9 +92,10 @@ def test_bench_json_reports_rows_and_ratio(in_tmp):
     assert set(out["matmul_peak_gflops"]) == {"fp32", "bf16"}
 
 
+@pytest.mark.slow
 def test_reading_specs_and_studies_does_not_import_torch(in_tmp):
-    """Validating a spec, listing studies and a study's status need no torch (its import alone took
-    ~2 s of every `sweeper study list`); a study's run imports it after starting its MLflow courier."""
+    """Validating a spec, listing studies and a study's status need no torch (its import would be most of
+    a `sweeper study list`); a study's run imports it after starting its MLflow courier."""
     import subprocess
     import sys
     from pathlib import Path

@@ -20,6 +20,8 @@ from sweeper import mlflow_store
 
 PREPARE = "import sys; from sweeper.mlflow_store import prepare; prepare(sys.argv[1])"
 
+pytestmark = pytest.mark.slow
+
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -26,6 +26,8 @@ from optuna.trial import TrialState
 from sweeper import study as st
 from sweeper.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 def _pg_bindir() -> Path | None:
     """Where initdb and pg_ctl are: on PATH, else Debian's /usr/lib/postgresql/VERSION/bin (newest)."""

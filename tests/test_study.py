@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import sqlite3
 import subprocess
 import time
 import warnings
@@ -13,12 +12,14 @@ from collections import Counter
 
 import optuna
 import pytest
-from conftest import TINY_BASE, free_port, subprocess_env, sweeper_cmd, write_spec
+from conftest import (TINY_BASE, child_runs, first_epoch_logged, free_port, run_of, steps, subprocess_env,
+                      sweeper_cmd, write_spec)
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeper import study as st
 from sweeper.spec import StudySpec, load_spec
+
 
 @pytest.fixture
 def tracked(workdir, mlflow_server, monkeypatch):
@@ -37,23 +38,7 @@ def trials(out, state=None):
     return [t for t in out.study.get_trials(deepcopy=False) if state is None or t.state == state]
 
 
-def child_runs(client: MlflowClient, name: str, parent: str):
-    exp = client.get_experiment_by_name(name)
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-
-
-def run_of(client: MlflowClient, name: str, origin: int):
-    """The one MLflow child run of a trial's retry chain (found by tag: the courier may record the id
-    in Optuna only after the trial ended)."""
-    exp = client.get_experiment_by_name(name)
-    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`optuna.origin_trial` = '{origin}'")
-    return run
-
-
-def steps(client, run_id, key="eval_acc"):
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
+@pytest.mark.slow
 def test_grid_runs_every_point_once_and_a_rerun_nothing(tracked):
     workdir = tracked
     spec = write_spec(workdir / "g.yaml", "g", grid={"optim.lr": [0.05, 0.1]}, seeds=[0, 1])
@@ -75,6 +60,7 @@ def test_grid_runs_every_point_once_and_a_rerun_nothing(tracked):
     assert any("is complete" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_failed_points_rerun_once_per_call_and_divergence_is_an_outcome(tracked):
     workdir = tracked
     base = {**TINY_BASE, "divergence_loss": 50.0}
@@ -101,6 +87,7 @@ def test_failed_points_rerun_once_per_call_and_divergence_is_an_outcome(tracked)
     assert len(trials(again, TrialState.COMPLETE)) == 2  # the diverged point is never rerun
 
 
+@pytest.mark.slow
 def test_stale_trials_are_failed_and_requeued_by_heartbeat(workdir, monkeypatch):
     monkeypatch.setenv("SWEEPER_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("SWEEPER_HEARTBEAT_GRACE", "1")
@@ -110,7 +97,7 @@ def test_stale_trials_are_failed_and_requeued_by_heartbeat(workdir, monkeypatch)
     trial.suggest_float("x", 0, 1)
     trial.set_user_attr(st.T_WORKER, {"host": "another-machine", "pid": 1, "start": None})
     trial.set_user_attr(st.T_RUN, "abc")
-    storage.record_heartbeat(trial._trial_id)
+    storage.record_heartbeat(st.trial_id(storage, study, trial.number))
     assert st.recover(study, storage) == []  # heartbeat fresh: alive as far as we can tell
     time.sleep(2.2)
     assert st.recover(study, storage) == [trial.number]
@@ -134,6 +121,7 @@ def test_trials_of_a_dead_local_process_are_retried_at_once(workdir):
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
 
 
+@pytest.mark.slow
 def test_ctrl_c_requeues_the_trial_and_resume_continues_it(tracked, mlflow_server, monkeypatch):
     workdir = tracked
     import importlib
@@ -176,14 +164,15 @@ def test_ctrl_c_requeues_the_trial_and_resume_continues_it(tracked, mlflow_serve
     assert all(steps(client, r.info.run_id) == [1, 2] for r in runs)
 
 
+@pytest.mark.slow
 def test_an_epoch_reported_before_its_checkpoint_landed_is_not_logged_twice(tracked, mlflow_server, monkeypatch):
     """train() reports an epoch while a thread still writes its checkpoint. A stop in that window leaves
     the epoch in MLflow but not on disk: the retry trains it again and must not log it a second time."""
     workdir = tracked
     import importlib
 
-    train_module = importlib.import_module("trainers.train")
-    real_train, real_save = train_module.train, train_module.save_checkpoint
+    train_module, checkpoints = importlib.import_module("trainers.train"), importlib.import_module("trainers.checkpoints")
+    real_train, real_save = train_module.train, checkpoints.save_checkpoint
     calls = []
 
     def lost_write(path, payload):  # the second trial's checkpoint of epoch 1 never lands
@@ -201,7 +190,7 @@ def test_an_epoch_reported_before_its_checkpoint_landed_is_not_logged_twice(trac
 
     spec = write_spec(workdir / "lost.yaml", "lost", grid={"optim.lr": [0.05, 0.1]})
     monkeypatch.setattr(train_module, "train", interrupted_train)
-    monkeypatch.setattr(train_module, "save_checkpoint", lost_write)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lost_write)
     with pytest.raises(st.Interrupted):
         run(spec)
     client = MlflowClient(mlflow_server.uri)
@@ -209,7 +198,7 @@ def test_an_epoch_reported_before_its_checkpoint_landed_is_not_logged_twice(trac
     assert not (workdir / "mlruns" / "checkpoints" / "lost" / "1" / "checkpoint.pt").exists()
 
     monkeypatch.setattr(train_module, "train", real_train)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     with warnings.catch_warnings():  # Optuna warns when a step is reported twice: the retry holds epoch 1
         warnings.filterwarnings("error", message="The reported value is ignored")
         out, lines = run(spec)
@@ -219,6 +208,7 @@ def test_an_epoch_reported_before_its_checkpoint_landed_is_not_logged_twice(trac
     assert steps(client, run_id) == [1, 2] and steps(client, run_id, "train_loss") == [1, 2]
 
 
+@pytest.mark.slow
 def test_tune_stops_at_the_budget_of_finished_trials(tracked):
     workdir = tracked
     spec = write_spec(workdir / "t.yaml", "t", kind="tune", grid={}, budget=3,
@@ -259,15 +249,7 @@ def test_base_from_takes_the_best_point_of_another_study(workdir):
         st.open_study(missing, storage)
 
 
-def _first_epoch_logged(db, number: int) -> bool:
-    try:
-        with sqlite3.connect(db, timeout=5) as con:
-            return con.execute("select count(*) from trial_intermediate_values v join trials t on "
-                               "t.trial_id = v.trial_id where t.number = ?", (number,)).fetchone()[0] > 0
-    except sqlite3.Error:
-        return False
-
-
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_the_same_command_completes_the_study(workdir, mlflow_server, monkeypatch):
     """Kill -9 a real `sweeper study run` process after the first epoch of its second trial, run the same
     command again (in this process, to save a second start-up): one COMPLETE trial per grid point, one
@@ -285,7 +267,7 @@ def test_sigkill_mid_trial_then_the_same_command_completes_the_study(workdir, ml
     proc = subprocess.Popen(sweeper_cmd(*args), cwd=workdir, env=subprocess_env(workdir, **heartbeat),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
-    while not _first_epoch_logged(db, 1):
+    while not first_epoch_logged(db, 1):
         assert proc.poll() is None, proc.stdout.read().decode()
         assert time.monotonic() < deadline, "the study never reached trial 1"
         time.sleep(0.05)
@@ -315,6 +297,7 @@ def test_sigkill_mid_trial_then_the_same_command_completes_the_study(workdir, ml
     assert not os.path.exists(workdir / "mlruns" / "checkpoints" / "k")
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_friendly_line(workdir, tracked, mlflow_server):
     from click.testing import CliRunner
 
@@ -350,6 +333,7 @@ def test_cli_errors_are_one_friendly_line(workdir, tracked, mlflow_server):
     assert "study bad is not complete (0/2 done): 2 trial(s) failed in this run" in result.output
 
 
+@pytest.mark.slow
 def test_delete_removes_the_study_its_experiment_and_files_after_asking(workdir):
     from click.testing import CliRunner
 

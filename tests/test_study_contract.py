@@ -7,6 +7,7 @@ import time
 import warnings
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from sqlalchemy import event
 
@@ -37,6 +38,7 @@ def test_ask_pops_a_queued_trial_with_its_params_and_attrs(workdir):
     assert storage.set_trial_state_values(tid, TrialState.RUNNING) is False  # taken: a second pop fails
 
 
+@pytest.mark.slow
 def test_a_stale_heartbeat_fails_the_trial_and_calls_our_callback(workdir, monkeypatch):
     monkeypatch.setenv("SWEEPER_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("SWEEPER_HEARTBEAT_GRACE", "1")

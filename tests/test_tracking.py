@@ -8,9 +8,8 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_BASE, write_spec
+from conftest import TINY_BASE, child_runs, first_epoch_logged, run_of, steps, write_spec
 from mlflow.tracking import MlflowClient
-from test_study import _first_epoch_logged, child_runs, run_of, steps
 
 from sweeper import study as st
 from sweeper import tracking
@@ -18,6 +17,8 @@ from sweeper.cli import main
 from sweeper.spec import load_spec
 
 EPOCH_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "epoch_time")
+
+pytestmark = pytest.mark.slow
 
 
 def test_grid_study_on_a_real_server(workdir, mlflow_server):
@@ -95,11 +96,11 @@ def test_no_metric_is_lost_while_the_server_is_down(workdir, mlflow_server, monk
     def outage() -> None:  # the study runs in the main thread meanwhile
         try:
             deadline = time.monotonic() + 180
-            while not _first_epoch_logged(db, 0):
+            while not first_epoch_logged(db, 0):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             mlflow_server.stop()
-            while not _first_epoch_logged(db, 1):  # a whole epoch of the next trial without a server
+            while not first_epoch_logged(db, 1):  # a whole epoch of the next trial without a server
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             trained_while_down.set()

@@ -107,6 +107,7 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux's /proc")
 def test_courier_keeps_the_password_out_of_argv_logs_and_spool(tmp_path, capfd):
     """A study's courier on a tracking server that is down (a free port) and whose URI holds a password:
@@ -168,6 +169,7 @@ TRAIN = ["--set", "data.dataset=synthetic", "--set", "data.augment=false", "--se
          "--set", "epochs=1", "--set", "batch_size=32"]
 
 
+@pytest.mark.slow
 def test_train_with_an_unusable_tracking_uri_is_one_error_line(tmp_path):
     out = _sweeper("train", "--tracking-uri", "ftp://x", *TRAIN, cwd=tmp_path)
     assert "unknown scheme 'ftp'" in _one_error_line(out)
@@ -206,12 +208,14 @@ class _Result:
         return {"summary": self.summary()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite:////etc/passwd/x.db", f"postgresql+nosuchdriver://u:{SECRET}@h/db"])
 def test_study_list_with_an_unusable_storage_is_one_error_line(tmp_path, storage):
     line = _one_error_line(_sweeper("study", "list", "--storage", storage, cwd=tmp_path))
     assert line.startswith(f"error: Optuna storage {uris.public(storage)}") and SECRET not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--tracking-uri", "ftp://x"], "unknown scheme 'ftp'"),
     (["--tracking-uri", "notascheme"], "MLflow 3 refuses"),

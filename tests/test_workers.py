@@ -12,10 +12,9 @@ import time
 
 import optuna
 import pytest
-from conftest import TINY_BASE, busy_workers, pop_race, subprocess_env, sweeper_cmd, write_spec
+from conftest import TINY_BASE, busy_workers, child_runs, pop_race, subprocess_env, sweeper_cmd, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from test_study import child_runs
 
 from sweeper import study as st
 from sweeper.spec import StudySpec, SpecError, load_spec
@@ -83,6 +82,7 @@ def test_a_tune_budget_is_not_overshot_by_concurrent_workers(workdir):
     assert full(d, then=lambda: [study.tell(t, 1.0) for t in (b, c)]) == st.BUDGET_TAKEN
 
 
+@pytest.mark.slow
 def test_two_workers_finish_a_tune_budget_exactly(workdir):
     """Without the rule above, two workers that reach the budget's last trial together both run one."""
     spec = write_spec(workdir / "t.yaml", "t2", kind="tune", grid={}, budget=3,
@@ -109,10 +109,10 @@ def test_storages_workers_cannot_share_and_the_worker_environment(monkeypatch):
         0, workers=2, gpus=1)
 
 
+@pytest.mark.slow
 def test_workers_share_a_study_and_ctrl_c_stops_them_all(workdir, mlflow_server, monkeypatch):
-    # 5 epochs: after the first report a trial has 4 left, so both are still running when Ctrl-C lands.
-    # With 3 this test failed once in a full run on a busy host (cause not captured); a trial finishing
-    # between the check below and the signal is the likeliest race, and this narrows it.
+    # 5 epochs: after the first report a trial has 4 left, so both are still running when Ctrl-C lands
+    # (a trial finishing between the check below and the signal would leave a worker between trials).
     base = {**TINY_BASE, "epochs": 5, "data": {**TINY_BASE["data"], "synthetic": {
         **TINY_BASE["data"]["synthetic"], "train_size": 600}}}
     spec = write_spec(workdir / "w.yaml", "w", base=base, grid={"optim.lr": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3]})
@@ -159,6 +159,7 @@ def test_workers_share_a_study_and_ctrl_c_stops_them_all(workdir, mlflow_server,
     assert "report/report.md" in {a.path for a in client.list_artifacts(parent_id, "report")}
 
 
+@pytest.mark.slow
 def test_ctrl_c_between_two_trials_leaves_no_trial_running(workdir, mlflow_server, monkeypatch):
     """Ctrl-C while Optuna creates the next trial (between two trials): the trial is failed and queued
     again, not left RUNNING with no worker behind it."""

@@ -3,9 +3,11 @@ nested under it; at completion it gets the report and ends FINISHED."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from .. import tracking
+from ..mlflow_ui import experiment_tags
 from ..spec import StudySpec, encode
 from .attrs import A_PARENT, A_REPORT
 from .storage import public_url, state_dir
@@ -17,8 +19,11 @@ def open_parent(client, study, spec: StudySpec, key: str, storage_url: str):
     complete it), so it is not flattened into params."""
     logger = tracking.logger_for(client, study.user_attrs.get(A_PARENT),
                                  create={"experiment": spec.name, "run_name": f"study {spec.name}",
-                                         "key": f"{key}/study",
+                                         "key": f"{key}/study", "start_time": int(time.time() * 1000),
                                          "tags": {"sweeper.kind": "study", "sweeper.study": spec.name}})
+    column, ascending = objective_column(spec)
+    logger.set_experiment_tags(experiment_tags(spec.name, column, ascending, varied_params(spec),
+                                               spec.description or f"sweeper study {spec.name} ({spec.kind})"))
     params = {"kind": spec.kind, "objective": f"{spec.objective.direction} {spec.objective.mode} "
               f"{spec.objective.metric}", "dims": ",".join(spec.dims), "seeds": spec.seeds}
     params.update({f"grid.{k}": [encode(v) for v in vs] for k, vs in spec.grid.items()})
@@ -36,6 +41,32 @@ def open_parent(client, study, spec: StudySpec, key: str, storage_url: str):
     path.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     logger.log_artifact(path)
     return logger
+
+
+def objective_column(spec: StudySpec) -> tuple[str, bool]:
+    """The metric whose latest value is each trial's objective (the UI orders and shows it), and whether
+    smaller is better: the metric itself when the objective is its last epoch's value, else the
+    `objective` metric each trial logs at its last step."""
+    from trainers.results import ADDITIVE
+
+    obj = spec.objective
+    plain = obj.mode == "final" and obj.metric not in ADDITIVE
+    return (obj.metric if plain else "objective"), obj.direction == "minimize"
+
+
+def varied_params(spec: StudySpec) -> list[str]:
+    """The MLflow params (flattened config keys) that differ between the study's trials: a grid's
+    sub-config values (`optim: [{name: sgdm, lr: 0.05}, ...]`) vary their leaves."""
+    if spec.kind != "grid":
+        return list(spec.dims)
+    flats = []
+    for point in spec.points():
+        try:
+            flats.append(spec.config(point).flat())
+        except Exception:  # noqa: BLE001 - an invalid point fails as its trial; its keys are the spec's
+            flats.append({})
+    keys = [k for k in dict.fromkeys(k for f in flats for k in f) if len({repr(f.get(k)) for f in flats}) > 1]
+    return keys or [k for k in spec.dims if k != "seed"]
 
 
 def stage_dir(spec: StudySpec) -> Path:

@@ -1,7 +1,7 @@
 """One trial: a `train()` call with a per-epoch checkpoint, Optuna reports and a nested MLflow run.
 
 Diverged trials are COMPLETE with the worst possible value (-inf when maximizing) and status "diverged"
-in `T_RESULT`: divergence is a measured outcome (the sources' tables record it), it counts toward the
+in `T_RESULT`: divergence is a measured outcome (Zhang et al. 2021's tables record it), it counts toward the
 budget, TPE learns to avoid the region, and it is never retried. FAIL is kept for crashes.
 """
 from __future__ import annotations
@@ -204,7 +204,8 @@ class Trials:
         t0 = time.perf_counter()
         try:
             with progress_bar(cfg.epochs, enabled=not self.quiet) as (on_progress, on_line, log):
-                result = train(cfg, on_epoch=on_epoch, checkpoint_dir=ckpt, on_progress=on_progress, log=log)
+                result = train(cfg, on_epoch=on_epoch, checkpoint_dir=ckpt, on_progress=on_progress,
+                               log=run.data_log(log))
         except KeyboardInterrupt:
             self._record_run(trial, run, wait=2.0)
             run.end("KILLED", {"optuna.state": "INTERRUPTED"})
@@ -216,7 +217,7 @@ class Trials:
             if isinstance(err, optuna.TrialPruned):
                 pruned = TrainResult(status="completed", epochs_completed=len(reports), history=reports,
                                      total_time=time.perf_counter() - t0, device=str(cfg.device))
-                self._finish(trial, run, pruned, "PRUNED", status="pruned")
+                self._finish(trial, run, pruned, "PRUNED", status="pruned", cfg=cfg)
                 self.finished.append((run, ckpt, first))
                 raise
             why = f"{type(err).__name__}: {err}"
@@ -227,7 +228,8 @@ class Trials:
             raise
         self.train_time += time.perf_counter() - t0
         value = objective_value(spec, result)
-        self._finish(trial, run, result, "COMPLETE", status=result.status)
+        self._finish(trial, run, result, "COMPLETE", status=result.status, cfg=cfg,
+                     ckpt=ckpt if result.status == "completed" else None, objective=value)
         self.finished.append((run, ckpt, first))  # the checkpoint goes once MLflow has every epoch (see release)
         return value
 
@@ -281,14 +283,16 @@ class Trials:
             trial.set_user_attr(T_RUN, run.run_id)
             run.recorded = run.run_id
 
-    def _finish(self, trial, run, result, state: str, status: str) -> None:
+    def _finish(self, trial, run, result, state: str, status: str, cfg=None, ckpt=None,
+                objective: float | None = None) -> None:
         from ..run import curves
 
         trial.set_user_attr(T_RESULT, {"status": status, "summary": trial_summary(result.history, status),
                                        "curves": curves(result.history)})
         self._record_run(trial, run, wait=2.0)  # normally long opened; returns at once during an outage
         run.finish(result, {"optuna.state": state, "optuna.trial_number": trial.number, "sweeper.status": status},
-                   title=f"{self.spec.name} trial {trial.number}: {self.spec.label(point_of(trial, self.spec))}")
+                   title=f"{self.spec.name} trial {trial.number}: {self.spec.label(point_of(trial, self.spec))}",
+                   cfg=cfg, checkpoint_dir=ckpt, objective=objective)
 
     # -- after trials -------------------------------------------------------------------------------
 
