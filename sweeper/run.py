@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -184,18 +185,32 @@ class TrackedRun:
 
 @contextmanager
 def progress_bar(epochs: int, enabled: bool = True):
-    """A rich progress bar on stderr; yields (on_progress, on_epoch_line, log)."""
+    """A rich progress bar on stderr in a terminal; into a file or pipe (nohup, Slurm logs) plain lines,
+    one per epoch and per message, never wrapped and with no progress frame. Yields (on_progress,
+    on_epoch_line, log)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
     if not enabled:
         yield (None, lambda line: None, lambda msg: None)
         return
-    # Redrawn 4 times a second on a terminal (rich's default is 10: each redraw renders the bar in this,
-    # the training, process); not at all into a file or pipe, where only the final state is printed.
+
+    def line(report) -> str:
+        return (f"epoch {report.epoch:>3}/{epochs}  train loss {report.train_loss:.4f} acc {report.train_acc:5.2f}%  "
+                f"eval loss {report.eval_loss:.4f} acc {report.eval_acc:5.2f}%  lr {report.lr:.3g}  "
+                f"{report.images_per_sec:,.0f} img/s")
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        def plain(message) -> None:
+            print(message, file=sys.stderr, flush=True)
+
+        yield (None, lambda report: plain(line(report)), plain)
+        return
+    # Redrawn 4 times a second (rich's default is 10: each redraw renders the bar in this, the training,
+    # process).
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, auto_refresh=console.is_terminal, refresh_per_second=4) as bar:
+                  console=console, transient=False, refresh_per_second=4) as bar:
         task = bar.add_task(f"epoch 1/{epochs}", total=None)
         state = {"epoch": 0}
 
@@ -204,11 +219,9 @@ def progress_bar(epochs: int, enabled: bool = True):
 
         def on_epoch_line(report) -> None:
             state["epoch"] = report.epoch
-            bar.console.print(f"epoch {report.epoch:>3}/{epochs}  train loss {report.train_loss:.4f} "
-                              f"acc {report.train_acc:5.2f}%  eval loss {report.eval_loss:.4f} "
-                              f"acc {report.eval_acc:5.2f}%  lr {report.lr:.3g}  {report.images_per_sec:,.0f} img/s")
+            bar.console.print(line(report), soft_wrap=True)
 
-        yield (on_progress, on_epoch_line, bar.console.print)
+        yield (on_progress, on_epoch_line, lambda message: bar.console.print(message, soft_wrap=True))
 
 
 def silent_rank() -> bool:

@@ -114,3 +114,21 @@ def test_reading_specs_and_studies_does_not_import_torch(in_tmp):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=in_tmp, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.slow
+def test_piped_output_is_plain_lines_never_wrapped(in_tmp):
+    """Into a pipe (nohup, Slurm logs): one line per epoch with every field, no progress frame."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "train", "--no-track", *SYNTHETIC, "--set",
+                          "optim.lr=0.0123456789"], capture_output=True, text=True, cwd=in_tmp, timeout=300,
+                         env={**subprocess_env(in_tmp), "COLUMNS": "40"})
+    assert out.returncode == 0, out.stderr
+    epochs = [line for line in out.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("train loss" in e and "lr " in e and e.endswith("img/s") for e in epochs), \
+        out.stderr
+    assert "━" not in out.stderr and "\r" not in out.stderr
