@@ -114,6 +114,8 @@ VMAP_CASES = {  # as tests/test_engine.py
     "decentralized-ring": {"distributed.algorithm": "decentralized", "distributed.topology": "ring"},
     "decentralized-random": {"distributed.algorithm": "decentralized", "distributed.topology": "random"},
     "decentralized-exponential": {"distributed.algorithm": "decentralized", "distributed.topology": "exponential"},
+    "diloco": {"distributed.algorithm": "diloco", "distributed.local_steps": 3, "optim.name": "adamw",
+               "optim.lr": 0.003},
 }
 
 
