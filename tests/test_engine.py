@@ -190,12 +190,12 @@ def test_batchnorm_statistics_are_averaged_with_the_parameters():
 
 
 def test_outer_steps_use_the_lr_of_the_last_local_step(monkeypatch):
-    from trainers import engine
+    from trainers import algorithms
     from trainers.schedules import lr_factor
 
     seen = []
-    real = engine.alg.slowmo_
-    monkeypatch.setattr(engine.alg, "slowmo_", lambda *a, **kw: (seen.append(a[3]), real(*a, **kw)))
+    real = algorithms.slowmo_
+    monkeypatch.setattr(algorithms, "slowmo_", lambda *a, **kw: (seen.append(a[3]), real(*a, **kw)))
     cfg = distributed("local", 2, **{"distributed.local_steps": 2, "distributed.slowmo": {"alpha": 1.0, "beta": 0.5},
                                      "schedule.warmup_epochs": 1.0})
     runner = run(cfg)

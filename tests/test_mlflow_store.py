@@ -51,9 +51,7 @@ def test_fresh_store_opens_and_a_second_prepare_is_a_noop(tmp_path):
     mlflow_store.prepare(uri)
     run_id = works(uri)
     before = os.stat(path)
-    start = time.perf_counter()
-    mlflow_store.prepare(uri)
-    assert time.perf_counter() - start < 0.5
+    mlflow_store.prepare(uri)  # (its cost is a figure of BENCHMARKS.md, not an assertion)
     # and in a process of its own: the fast path imports no MLflow
     check = "import sys; from sweeper.mlflow_store import prepare; prepare(sys.argv[1]); print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", check, uri], env=env(), capture_output=True, text=True, check=True)

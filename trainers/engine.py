@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import algorithms as alg  # noqa: F401 - the update rules, as `engine.alg` (tests patch them there)
 from . import comm
 from .config import ConfigError, TrainConfig
 from .data import Dataset, shard_indices
