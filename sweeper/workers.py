@@ -177,6 +177,21 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
     for t in relays:
         t.join(10)
     prog = progress(study, spec)
+    if signals["count"] and not prog.complete and not prog.running and prepared.parent_run_id:
+        _end_parent(prepared, "KILLED", echo)
     path = state_dir() / "reports" / spec.name / "report.md"
     built = prog.complete and report and study.user_attrs.get(A_REPORT) == f"{prog.done}/{prog.total}" and path.exists()
     return WorkersOutcome(prepared, prog, codes, interrupted=signals["count"] > 0, report=path if built else None)
+
+
+def _end_parent(prepared: Outcome, status: str, echo: Callable[[str], None]) -> None:
+    """End the parent run after the workers stopped. Each interrupted worker ends it KILLED only when no
+    trial runs any more; workers interrupted together each see the others' trials still running."""
+    from . import tracking
+
+    try:
+        client = tracking.connect(prepared.tracking_uri)
+    except tracking.TrackingError as err:
+        echo(f"the parent run stays RUNNING: {err}")
+        return
+    tracking.RunLogger(client, prepared.parent_run_id, state_dir() / "spool").close(status, timeout=30)
