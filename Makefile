@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast install dev-install dataset clean
+.PHONY: demo test test-fast install dev-install dataset clean reproduce
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,3 +44,8 @@ test-fast: dev-install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The CPU-scale twins of the source studies (studies/cpu/), then their reports under docs/results/:
+# a benchmark of about 1.5 hours on a 2-core CPU, not a test. FRESH=1 runs them from scratch.
+reproduce: install dataset
+	$(PY) tools/reproduce.py $(if $(FRESH),--fresh)

@@ -1,4 +1,4 @@
-"""Every spec in studies/ starts: `study run SPEC --n-trials 0` creates the study, queues its points and
+"""Every spec in studies/ and studies/cpu/ starts: `study run SPEC --n-trials 0` creates the study, queues its points and
 opens its parent run (a spec that takes its base from another study says that study has no result yet)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from sweeper.cli import main
 
-STUDIES = sorted((ROOT / "studies").glob("*.yaml"))
+STUDIES = sorted((ROOT / "studies").glob("*.yaml")) + sorted((ROOT / "studies" / "cpu").glob("*.yaml"))
 
 
 @pytest.mark.slow

@@ -1,0 +1,110 @@
+"""Run the CPU-scale twins of the source studies (`studies/cpu/`) and rebuild `docs/results/`.
+
+Each study runs with `sweeper study run SPEC --quiet` (resuming it if it was interrupted), then its report
+is written to `docs/results/<study>/` beside `RUN.md`: the command, the commit, the host and the wall time.
+The findings page `docs/results/README.md` is written by hand from those reports.
+
+    python tools/reproduce.py                  # every study; a complete one only gets its report rebuilt
+    python tools/reproduce.py --fresh          # delete each study first and run it from scratch
+    python tools/reproduce.py --only slowmo-cpu --only diloco-cpu
+
+This is a benchmark, not a test: the set takes about 1.5 hours on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "studies" / "cpu"
+RESULTS = ROOT / "docs" / "results"
+
+
+def sweeper(*args: str, log: Path | None = None) -> int:
+    cmd = [sys.executable, "-m", "sweeper.cli", *args]
+    if log is None:
+        return subprocess.call(cmd, cwd=ROOT)
+    with log.open("w") as out:  # the study's own lines, kept beside its report
+        return subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def host() -> str:
+    """The machine in words (no host name): CPU model, cores, OS, Python and torch versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__} (threads {torch.get_num_threads()})")
+
+
+def run_one(spec_path: Path, fresh: bool) -> tuple[str, float, int]:
+    name = yaml.safe_load(spec_path.read_text())["name"]
+    out = RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        sweeper("study", "delete", name, "--yes", log=out / "delete.log")
+        (out / "delete.log").unlink()
+    rel = spec_path.relative_to(ROOT)
+    commit = git("rev-parse", "HEAD")
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--", "trainers", "sweeper", str(rel)) else ""
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    code = sweeper("study", "run", str(rel), "--quiet", log=out / "run.log")
+    wall = time.perf_counter() - t0
+    print(f"{name}: exit {code} after {wall:.0f} s", flush=True)
+    if code == 0:
+        sweeper("study", "report", name, "--out", str(out.relative_to(ROOT)), "--no-log")
+    (out / "RUN.md").write_text(
+        f"# How `{name}` was run\n\n"
+        f"- command: `sweeper study run {rel} --quiet` (from `python tools/reproduce.py --only {name}`), then "
+        f"`sweeper study report {name} --out {out.relative_to(ROOT)}`\n"
+        f"- commit: `{commit}`{dirty}\n"
+        f"- host: {host()}\n"
+        f"- started: {started:%Y-%m-%d %H:%M} UTC; wall time of `study run`: {wall:.0f} s; exit status {code}\n"
+        f"- its output: [run.log](run.log)\n")
+    return name, wall, code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], help="a study name (repeatable)")
+    parser.add_argument("--fresh", action="store_true", help="delete each study first")
+    args = parser.parse_args()
+    specs = sorted(SPECS.glob("*.yaml"))
+    if args.only:
+        names = {yaml.safe_load(p.read_text())["name"]: p for p in specs}
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            parser.error(f"no study named {', '.join(unknown)} in {SPECS.relative_to(ROOT)} "
+                         f"(there are: {', '.join(names)})")
+        specs = [names[n] for n in args.only]
+    results = [run_one(p, args.fresh) for p in specs]
+    for name, wall, code in results:
+        print(f"{name:26s} {wall:7.0f} s  exit {code}")
+    return max((code for _, _, code in results), default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
