@@ -31,9 +31,8 @@ dataset:
 # then its report. Running it again after a kill finishes what is missing.
 demo: install dataset
 	$(VENV)/bin/sweeper study run studies/quickstart.yaml
-	$(VENV)/bin/sweeper study report quickstart --out reports/quickstart
-	@cat reports/quickstart/report.md
-	@echo
+	@report="$$($(VENV)/bin/sweeper study report quickstart | grep '/report\.md$$')" && cat "$$report" && echo \
+	  && echo "report: $$report (with its tables and plots)"
 	@echo "MLflow UI: $(VENV)/bin/sweeper server   then open the link it prints for the study"
 
 test: dev-install dataset

@@ -5,11 +5,11 @@
     result = sweeper.run_study("studies/quickstart.yaml", set=["base.epochs=2"])
     frame = sweeper.trials(result.name)        # one row per trial: params, state, value, final figures
     curves = sweeper.curves(result.name)       # per-epoch curves, long form: trial, epoch, metric, value
-    path = sweeper.report(result.name)         # reports/NAME/report.md (tables and plots)
+    path = sweeper.build_report(result.name)   # mlruns/reports/NAME/report.md (tables and plots)
 
 `import sweeper` imports none of torch, MLflow, Optuna or pandas; each function imports what it needs.
-The storage is `storage=` (an Optuna RDB URL), else $SWEEPER_STORAGE, else sqlite:///mlruns/optuna.db
-(relative to the working directory), as for the command line.
+The storage is `storage=` (an Optuna RDB URL), else $SWEEPER_STORAGE, else optuna.db in the state
+directory (see `uris.STATE_DIR`), as for the command line.
 """
 from __future__ import annotations
 
@@ -139,12 +139,13 @@ def curves(name: str, storage: str | None = None) -> "pd.DataFrame":
 
 
 def build_report(name: str, out: str | os.PathLike | None = None, storage: str | None = None, fmt: str = "md") -> Path:
-    """Write the tables and plots of study NAME into OUT [reports/NAME] (as `sweeper study report
+    """Write the tables and plots of study NAME into OUT [reports/NAME in the state directory] (as `sweeper study report
     NAME --no-log`) and return report.md (fmt="csv": the directory of the CSV files)."""
     from .report import write_report
     from .study.progress import snapshot
+    from .study.storage import report_dir
 
     view, spec = snapshot(name, storage)
-    directory = Path(out) if out is not None else Path("reports") / name
+    directory = Path(out) if out is not None else report_dir(name)
     paths = write_report(view, spec, directory, fmt)
     return paths[0] if fmt == "md" else directory

@@ -38,8 +38,9 @@ def main() -> None:
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set optim.lr=0.01 (repeatable).")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or "
-              "sqlite:///mlruns/mlflow.db].")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else "
+              "mlflow.db in the state directory: $SWEEPER_STATE_DIR, else the nearest mlruns/ here or above, "
+              "else ./mlruns].")
 @click.option("--experiment", default="sweeper-train", show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="MLflow run name [default: dataset-model-optimizer].")
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
@@ -108,13 +109,24 @@ def train(config, overrides, tracking_uri, experiment, run_name, checkpoint_dir,
 @click.option("--keep", "keep_dir", default=None, type=click.Path(file_okay=False),
               help="--study: keep the stores, specs and logs in this directory.")
 @click.option("--with-report", is_flag=True, help="--study: time the report the study builds when it completes too.")
+@click.option("--fixed-costs", is_flag=True,
+              help="Instead: the study layer's fixed costs (status, list, rerun, final delivery, --workers 2) "
+                   "beside the bare Optuna/MLflow calls, interleaved repeats (see sweeper/bench_costs.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout.")
 def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, worker_counts, study_bench, trials,
-          epochs, trial_seconds, train_size, dataset, threads, fresh_stores, keep_dir, with_report, as_json):
+          epochs, trial_seconds, train_size, dataset, threads, fresh_stores, keep_dir, with_report, fixed_costs,
+          as_json):
     """Training throughput side by side: Poiatti et al.'s DataLoader loop vs the trainer core,
     K-worker backends, GFLOP/s against the device's matmul peak. With --study: what a study's
     orchestration costs over bare training of the same trials."""
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    if fixed_costs:
+        from .bench_costs import CostBenchSettings, run_cost_bench
+
+        result = run_cost_bench(CostBenchSettings(repeats=repeats), log=log)
+        if as_json:
+            click.echo(json.dumps(result))
+        return
     if study_bench:
         from .bench_study import StudyBenchSettings, run_study_bench
 
@@ -150,7 +162,8 @@ def bench(steps, warmup, repeats, batch_size, model, device, loader_workers, wor
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--backend-store-uri", default=None, envvar="MLFLOW_BACKEND_STORE_URI", show_envvar=True,
-              help="The database MLflow stores runs in [default: sqlite:///mlruns/mlflow.db]. With a password "
+              help="The database MLflow stores runs in [default: mlflow.db in the state directory: "
+                   "$SWEEPER_STATE_DIR, else the nearest mlruns/ here or above, else ./mlruns]. With a password "
                    "in it, prefer the environment variable: `ps` shows arguments to every user.")
 @click.option("--study", "study_name", default=None, metavar="NAME",
               help="Print only the link to this study's experiment (an error if the store has none).")
@@ -164,11 +177,11 @@ def server(host, port, backend_store_uri, study_name, allowed_hosts, workers):
     ordered by the objective; charts led by the objective's and the loss's curves)."""
     from pathlib import Path
 
-    from .tracking import DEFAULT_TRACKING_URI, TrackingError, artifact_root
-    from .uris import public, tracking_uri
+    from .tracking import TrackingError, artifact_root
+    from .uris import default_tracking_uri, public, tracking_uri
 
     try:
-        uri = tracking_uri(backend_store_uri or DEFAULT_TRACKING_URI)
+        uri = tracking_uri(backend_store_uri or default_tracking_uri())
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else uri
         if scheme in ("http", "https", "databricks"):
             raise TrackingError(f"--backend-store-uri {public(uri)}: a server stores runs in a database "

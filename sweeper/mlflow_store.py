@@ -88,13 +88,32 @@ def _repair(uri: str, path: Path) -> None:
     _build(uri, path, upgrade=False)
 
 
+@contextmanager
+def _quiet(*names: str):
+    """Those loggers at WARNING for the block."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _build(uri: str, path: Path, upgrade: bool) -> None:
     """Build a fresh store (or, with `upgrade`, an upgraded copy of PATH) aside, then rename it onto PATH."""
+    tmp = path.with_name(f"{path.name}.building-{os.getpid()}")
+    tmp_uri = f"sqlite:///{tmp}"
+    with _quiet("mlflow.store.db.utils", "alembic"):  # their INFO lines would land amid a study's output
+        _build_at(uri, path, tmp, tmp_uri, upgrade)
+
+
+def _build_at(uri: str, path: Path, tmp: Path, tmp_uri: str, upgrade: bool) -> None:
     from mlflow.store.db.utils import _upgrade_db, _verify_schema, create_sqlalchemy_engine
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    tmp = path.with_name(f"{path.name}.building-{os.getpid()}")
-    tmp_uri = f"sqlite:///{tmp}"
     try:
         if upgrade:
             with closing(_connect(path)) as src, closing(sqlite3.connect(tmp)) as dst:

@@ -184,34 +184,50 @@ class TrackedRun:
 
 
 @contextmanager
-def progress_bar(epochs: int, enabled: bool = True):
+def progress_bar(epochs: int, enabled: bool = True, study=None):
     """A rich progress bar on stderr in a terminal; into a file or pipe (nohup, Slurm logs) plain lines,
-    one per epoch and per message, never wrapped and with no progress frame. Yields (on_progress,
-    on_epoch_line, log)."""
+    one per epoch and per message, never wrapped and with no progress frame. Each epoch says the run's
+    ETA at its mean epoch time; `study` (a study.progress.StudyRow) adds the study's row: trials done,
+    ETA. Yields (on_progress, on_epoch_line, log)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .study.progress import duration_label
 
     if not enabled:
         yield (None, lambda line: None, lambda msg: None)
         return
+    times: list[float] = []  # seconds of each epoch so far
 
-    def line(report) -> str:
+    def timing(report) -> tuple[float | None, float | None]:
+        times.append(report.epoch_time)
+        mean = sum(times) / len(times)
+        return mean * (epochs - report.epoch), mean * epochs
+
+    def line(report, left: float | None) -> str:
         return (f"epoch {report.epoch:>3}/{epochs}  train loss {report.train_loss:.4f} acc {report.train_acc:5.2f}%  "
                 f"eval loss {report.eval_loss:.4f} acc {report.eval_acc:5.2f}%  lr {report.lr:.3g}  "
-                f"{report.images_per_sec:,.0f} img/s")
+                f"{report.images_per_sec:,.0f} img/s" + (f"  ETA {duration_label(left)}" if report.epoch < epochs else ""))
 
     console = Console(stderr=True)
     if not console.is_terminal:
         def plain(message) -> None:
             print(message, file=sys.stderr, flush=True)
 
-        yield (None, lambda report: plain(line(report)), plain)
+        def plain_epoch(report) -> None:
+            left, total = timing(report)
+            row = f"  ({study.text(left, total)})" if study is not None else ""
+            plain(line(report, left) + row)
+
+        yield (None, plain_epoch, plain)
         return
     # Redrawn 4 times a second (rich's default is 10: each redraw renders the bar in this, the training,
     # process).
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, refresh_per_second=4) as bar:
-        task = bar.add_task(f"epoch 1/{epochs}", total=None)
+                  TextColumn("{task.fields[info]}"), console=console, transient=False, refresh_per_second=4) as bar:
+        row = None if study is None else bar.add_task(
+            f"study {study.status.name}", total=study.total, completed=study.done, info=study.eta(None, None))
+        task = bar.add_task(f"epoch 1/{epochs}", total=None, info="")
         state = {"epoch": 0}
 
         def on_progress(step: int, total: int) -> None:
@@ -219,7 +235,11 @@ def progress_bar(epochs: int, enabled: bool = True):
 
         def on_epoch_line(report) -> None:
             state["epoch"] = report.epoch
-            bar.console.print(line(report), soft_wrap=True)
+            left, total = timing(report)
+            bar.update(task, info=f"{report.images_per_sec:,.0f} img/s, run ETA {duration_label(left)}")
+            if row is not None:
+                bar.update(row, info=study.eta(left, total))
+            bar.console.print(line(report, left), soft_wrap=True)
 
         yield (on_progress, on_epoch_line, lambda message: bar.console.print(message, soft_wrap=True))
 

@@ -117,6 +117,7 @@ class StudySpec:
     heartbeat: HeartbeatSpec = field(default_factory=HeartbeatSpec)
     base_from: BaseFrom | None = None
     description: str = ""
+    keep_models: int | None = None  # trials whose MLflow model stays: every one (None), or the best k by the objective
     overrides: list[str] = field(default_factory=list)  # the --set items this spec was made with (recorded)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for storing with the study
     source: str = ""  # the file, or "study NAME", for error messages
@@ -407,7 +408,7 @@ def _parse(raw: Any, source: str) -> StudySpec:
         if key not in raw:
             raise SpecError(f"{source}: {key}: missing (every spec has a name and a kind: grid or tune)")
     simple = {k: raw[k] for k in ("name", "kind", "objective", "budget", "sampler", "pruner", "heartbeat",
-                                  "description") if k in raw}
+                                  "description", "keep_models") if k in raw}
     overrides = raw.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise SpecError(f"{source}: overrides: expected a list of KEY=VALUE strings (what --set recorded), "
@@ -453,7 +454,7 @@ def _parse(raw: Any, source: str) -> StudySpec:
     return StudySpec(name=spec.name, kind=spec.kind, objective=spec.objective, base=base, grid=grid, search=search,
                      seeds=seeds, budget=spec.budget, sampler=spec.sampler, pruner=spec.pruner,
                      heartbeat=spec.heartbeat, base_from=base_from, description=spec.description,
-                     overrides=list(overrides), raw=copy.deepcopy(raw), source=source)
+                     keep_models=spec.keep_models, overrides=list(overrides), raw=copy.deepcopy(raw), source=source)
 
 
 @dataclass
@@ -466,6 +467,7 @@ class _Header:
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     heartbeat: HeartbeatSpec = field(default_factory=HeartbeatSpec)
     description: str = ""
+    keep_models: int | None = None
 
 
 def _parse_dim(key: str, raw: Any, source: str) -> Range | Choices:
@@ -511,6 +513,8 @@ def _check_header(spec: "_Header", source: str) -> None:
         (spec.heartbeat.interval >= 1, "heartbeat.interval", "must be >= 1 (seconds)"),
         (spec.heartbeat.grace >= 1, "heartbeat.grace", "must be >= 1 (seconds)"),
         (spec.heartbeat.max_retry >= 0, "heartbeat.max_retry", "must be >= 0"),
+        (spec.keep_models is None or spec.keep_models >= 0, "keep_models",
+         "must be >= 0 (the best k trials keep their model; omit it to keep every trial's)"),
     ]
     for ok, key, reason in checks:
         if not ok:

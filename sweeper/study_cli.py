@@ -7,9 +7,10 @@ import sys
 
 import click
 
-STORAGE_HELP = "Optuna storage URL (any RDB URL) [default: $SWEEPER_STORAGE or sqlite:///mlruns/optuna.db]."
+STORAGE_HELP = ("Optuna storage URL (any RDB URL) [default: $SWEEPER_STORAGE, else optuna.db in the state "
+                "directory].")
 TRACKING_HELP = ("MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else the one the study was created with, "
-                 "else sqlite:///mlruns/mlflow.db].")
+                 "else mlflow.db in the state directory].")
 
 
 def storage_option(f):
@@ -17,8 +18,8 @@ def storage_option(f):
 
 
 WORKERS_HELP = ("Run N worker processes on this machine that share the study [default: 1]. The SQLite storage "
-                "(the default) serves the processes of one machine, with mlruns/ on a local disk (its locks "
-                "do not hold over NFS); workers on several machines need a PostgreSQL --storage.")
+                "(the default) serves the processes of one machine, with the state directory on a local disk "
+                "(its locks do not hold over NFS); workers on several machines need a PostgreSQL --storage.")
 
 
 SET_HELP = ("Change the spec: KEY=VALUE, VALUE parsed as YAML (repeatable). KEY's first part is the spec's "
@@ -49,13 +50,17 @@ def study() -> None:
     sweeper study run studies/quickstart.yaml     run it (again after a kill: completes it)
     sweeper study run SPEC --workers 4            4 processes on this machine share it
     sweeper study status quickstart               progress, best so far, what runs
-    sweeper study report quickstart               tables + plots in reports/quickstart/
+    sweeper study report quickstart               tables + plots in mlruns/reports/quickstart/
     sweeper server                                the MLflow UI (experiment = study name)
 
-    State lives in mlruns/ (optuna.db, mlflow.db, checkpoints/, spool/, reports/: the report the
-    study's last worker builds); --storage takes any Optuna RDB URL (PostgreSQL for workers on many
-    machines: `sweeper worker NAME --storage URL` on each), --tracking-uri any MLflow server.
-    Heartbeat: SWEEPER_HEARTBEAT_INTERVAL / SWEEPER_HEARTBEAT_GRACE (s).
+    State lives in the state directory: $SWEEPER_STATE_DIR, else the nearest mlruns/ in the working
+    directory or above it (as git finds .git), else ./mlruns, created by `study run`, `train`, `server`
+    (and `worker` given a --storage). It holds optuna.db, mlflow.db, checkpoints/, spool/ and
+    reports/NAME/ (written by `study run` when the study completes, and by `study report`). Commands
+    that need an existing study (`study list/status/report/delete/resume`, `worker`) stop with an
+    error when there is no state directory and no --storage. --storage takes any Optuna RDB URL
+    (PostgreSQL for workers on many machines: `sweeper worker NAME --storage URL` on each),
+    --tracking-uri any MLflow server. Heartbeat: SWEEPER_HEARTBEAT_INTERVAL / SWEEPER_HEARTBEAT_GRACE (s).
     """
 
 
@@ -111,6 +116,7 @@ def _stored_spec(name, storage, overrides, new_name):
     from .spec import with_overrides
     from .study import load, open_storage
 
+    _require_state(storage)
     _, spec = load(name, open_storage(storage))
     if overrides or new_name:
         spec = with_overrides(spec.to_dict(), overrides, f"study {name} (stored spec)", new_name)
@@ -128,7 +134,7 @@ def _run(spec, storage, tracking_uri, n_trials, quiet, workers=1, report=True, a
     if not relayed:
         click.echo(f"study {spec.name} ({spec.kind}, {what}; {spec.objective.direction} {spec.objective.metric})")
     if workers > 1 and n_trials != 0 and not relayed:  # (--n-trials 0 only creates the study)
-        return _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again)
+        return _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again, quiet)
     out = run(spec, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, quiet=quiet, echo=click.echo,
               report=report, announce=not relayed)
     p = out.progress
@@ -145,7 +151,7 @@ def _run(spec, storage, tracking_uri, n_trials, quiet, workers=1, report=True, a
         click.echo(f"time: {out.wall_time:.1f} s, {out.train_time - out.callback_time:.1f} s of it training; "
                    f"orchestration (Optuna, MLflow) {over:.1f} s = "
                    f"{100 * over / max(out.wall_time, 1e-9):.1f}% (setup {out.setup_time:.1f} s, {per_trial:.2f} s "
-                   f"per trial, final delivery {out.close_time:.1f} s)")
+                   f"per trial, final delivery {out.close_time:.2f} s)")
     _exit_status(spec, p, n_trials, out.failed)
 
 
@@ -163,20 +169,23 @@ def _exit_status(spec, p, n_trials, failed: int | None, resume: str | None = Non
 
 
 def _summary(spec, p, parent_run_id, report) -> None:
+    from .figures import fmt
+
+    best = f"; best {spec.objective.metric} {fmt(spec.objective.metric, p.best[1])} at {spec.label(p.best[0])}"
     click.echo(f"study {spec.name}: {p.done}/{p.total} done" + (f", {p.diverged} diverged" if p.diverged else "")
-               + (f"; best {spec.objective.metric} {p.best[1]:.4g} at {spec.label(p.best[0])}" if p.best else ""))
+               + (best if p.best else ""))
     where = (f"report: {report} (also on the parent run, artifacts/report)" if report else
              f"tables and plots: sweeper study report {spec.name}")
     click.echo(f"MLflow: experiment '{spec.name}', parent run {parent_run_id}; {where}")
 
 
-def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again) -> None:
+def _run_workers(spec, storage, tracking_uri, n_trials, workers, report, again, quiet=False) -> None:
     from .study import Interrupted
     from .uris import secrets
     from .workers import run_workers
 
     out = run_workers(spec, workers, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, report=report,
-                      echo=click.echo)
+                      quiet=quiet, echo=click.echo)
     p = out.progress
     _summary(spec, p, out.prepared.parent_run_id, out.report)
     resume = (f"{again or f'sweeper study resume {spec.name}'} --workers {workers}"
@@ -211,6 +220,7 @@ def status(name, storage, as_json, watch):
 
     def read():
         with _errors():
+            _require_state(storage)
             view, spec = snapshot(name, storage)
             return study_status(view, spec)
 
@@ -265,9 +275,11 @@ def _show_status(s, as_json, lines) -> None:
 def list_cmd(storage):
     """Every study in the storage, with its progress and best value."""
     from .spec import SpecError
+    from .figures import fmt
     from .study.progress import names, progress, snapshot
 
     with _errors():
+        _require_state(storage)
         found = names(storage)
         if not found:
             from .study import public_url, storage_url
@@ -282,7 +294,7 @@ def list_cmd(storage):
                 click.echo(f"{name:<32} ({err})")
                 continue
             p = progress(st, spec)
-            best = f"{p.best[1]:.4g}" if p.best and math.isfinite(p.best[1]) else "-"
+            best = fmt(spec.objective.metric, p.best[1]) if p.best and math.isfinite(p.best[1]) else "-"
             click.echo(f"{name:<32} {spec.kind:<5} {p.done:>4}/{p.total:<4} best {spec.objective.metric} {best}"
                        + (f"  running {len(p.running)}" if p.running else ""))
 
@@ -292,20 +304,25 @@ def list_cmd(storage):
 @storage_option
 @click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_HELP)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Where to write the tables and plots [default: reports/NAME].")
+              help="Where to write the tables and plots [default: reports/NAME in the state directory, where "
+                   "`study run` writes it].")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv"]), default="md", show_default=True)
 @click.option("--no-log", is_flag=True, help="Do not log the report to the study's parent MLflow run.")
 def report(name, storage, tracking_uri, out_dir, fmt, no_log):
-    """Tables (shaped like the sources' where the study's keys fit) and plots of study NAME."""
+    """Tables (shaped like the sources' where the study's keys fit) and plots of study NAME, written to
+    reports/NAME/ in the state directory (as `study run` does when the study completes) or to --out."""
+    with _errors():
+        _require_state(storage)
     from .report import log_report, write_report
     from .study import A_PARENT, load, open_storage
     from .study.run import resolve_tracking
+    from .study.storage import report_dir
     from .tracking import TrackingError, connect, replay_spool
     from .uris import public, redact
 
     with _errors():
         st, spec = load(name, open_storage(storage))
-        paths = write_report(st, spec, out_dir or f"reports/{name}", fmt)
+        paths = write_report(st, spec, out_dir or report_dir(name), fmt)
     for path in paths:
         click.echo(str(path))
     parent = st.user_attrs.get(A_PARENT)
@@ -327,6 +344,8 @@ def report(name, storage, tracking_uri, out_dir, fmt, no_log):
 @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
 def delete(name, storage, tracking_uri, yes):
     """Delete study NAME: its Optuna trials, its MLflow experiment and runs, its checkpoints and reports."""
+    with _errors():
+        _require_state(storage)
     from .study import open_storage, public_url
     from .study.delete import delete as remove, plan
 
@@ -355,6 +374,13 @@ def validate(spec_paths):
             spec = load_spec(path)
             n = len(spec.points()) if spec.kind == "grid" else spec.budget
             click.echo(f"{path}: ok ({spec.name}, {spec.kind}, {n} trials)")
+
+
+def _require_state(storage: str | None) -> None:
+    """A command that reads a study stops here when there is no store to read (it creates none)."""
+    from .uris import require_state
+
+    require_state(storage)
 
 
 class _errors:

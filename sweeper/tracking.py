@@ -237,6 +237,8 @@ class RunLogger:
     thread too (`open_run`: reuse, find by key, or create), so a trial starts training at once even while
     the tracking server is down; `run_id` is None until then."""
 
+    IN_FLIGHT_S = 15.0  # how long `wait` lets a delivery in flight finish before spooling it too
+
     def __init__(self, client, run_id: str | None = None, spool_dir: Path | None = None, retry_max: float = 5.0,
                  create: dict | None = None, on_event=None):
         if run_id is None and create is None:
@@ -316,6 +318,10 @@ class RunLogger:
         (`torch.save` of {"config", "state_dict", "input_shape"}): see `log_pytorch_model`."""
         self._put(("model", str(state_path), info))
 
+    def drop_models(self) -> None:
+        """Delete the run's logged models (a study that keeps only its best k: `keep_models`)."""
+        self._put(("dropmodels",))
+
     def system_metrics(self, interval: float = 2.0) -> None:
         """Log MLflow's system metrics (CPU, memory, disk, network, GPU when present) into the run from now
         until it is terminated, sampled every `interval` s by the process that delivers."""
@@ -355,7 +361,7 @@ class RunLogger:
         """After `end`: wait up to `timeout` s for delivery, spool the rest; True when all was delivered."""
         self._thread.join(timeout)
         self._stop.set()
-        self._thread.join(15)  # a delivery in flight may take up to the HTTP timeout
+        self._thread.join(self.IN_FLIGHT_S)  # a delivery in flight may take up to the HTTP timeout
         with self._lock:
             rest = self._pending + self._drain()
             self._pending = []
@@ -392,8 +398,7 @@ class RunLogger:
                         continue
                 op = self._pending[0]
             if op[0] == "close":
-                with self._lock:
-                    self._pending.pop(0)
+                self._done(op)
                 return
             parent = op[2].get("parent") if op[0] == "open" else None
             if parent is not None and parent.run_id is None:  # a child run waits for its parent's
@@ -412,8 +417,7 @@ class RunLogger:
                 if rejected(err):  # retrying cannot help: say so and go on with the next item
                     log.warning("MLflow refused an item for run %s: %s", (self.run_id or "(new)")[:8],
                                 uris.redact(err, self._uri()))
-                    with self._lock:
-                        self._pending.pop(0)
+                    self._done(op)
                     continue
                 self.failures += 1
                 if self.on_event is not None:
@@ -425,7 +429,13 @@ class RunLogger:
                 delay = min(delay * 2, self.retry_max)
                 continue
             delay = 0.25
-            with self._lock:
+            self._done(op)
+
+    def _done(self, op: tuple) -> None:
+        """`op` is delivered: off the pending list, unless `wait` gave up on this delivery in flight and
+        spooled it (the spool's replay then delivers it again: at least once, never lost)."""
+        with self._lock:
+            if self._pending and self._pending[0] is op:
                 self._pending.pop(0)
 
     def _uri(self) -> str | None:
@@ -515,6 +525,11 @@ def deliver(client, run_id: str | None, op: tuple) -> str | None:
         log_dataset_inputs(client, run_id, op[1])
     elif kind == "model":
         log_pytorch_model(client, run_id, op[1], op[2])
+    elif kind == "dropmodels":
+        with _MODEL_LOCK:  # after a model of the run being logged now
+            experiment = client.get_run(run_id).info.experiment_id
+            for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+                client.delete_logged_model(model.model_id)
     elif kind == "sysmetrics":
         start_system_metrics(client, run_id, op[1])
     else:  # pragma: no cover

@@ -1,12 +1,17 @@
 """URLs and their secrets: the Optuna storage URL and the MLflow tracking URI, resolved, checked, and
 masked wherever they are shown.
 
+- `STATE_DIR`: where local state lives (Optuna's and MLflow's SQLite stores, checkpoints, spool,
+  reports): $SWEEPER_STATE_DIR when set, else the nearest `mlruns/` found walking up from the working
+  directory (as git finds .git), else `./mlruns`, created by the first command that creates a study or
+  a run. `require_state(storage)`: the check of the commands that only read a store.
 - `storage_url(url)`: the argument, else $SWEEPER_STORAGE, else SQLite under the state directory; a URL
   that Optuna's RDBStorage cannot take is a `StorageError` (a ConfigError: the CLI prints one line).
 - `tracking_uri(uri)`: the argument, else $MLFLOW_TRACKING_URI, else SQLite under the state directory;
   a URI MLflow cannot track into is a `TrackingError`.
   Both create the parent directory of a SQLite file, and say why when they cannot (a file in the way,
-  permissions), before anything is created or trained.
+  permissions), before anything is created or trained. Their defaults name the state directory by its
+  absolute path: a study stores its tracking URI, which then means the same file from any directory.
 - `public(url)`: the URL as it may be printed, logged, stored in a study or written to a file: the
   password (and secret-looking query parameters) replaced by `***`. `redact(text, *urls)` does the same
   inside any text (an exception's message, say).
@@ -24,8 +29,8 @@ from urllib.parse import unquote, urlsplit
 
 from trainers.config import ConfigError
 
-STATE_DIR = Path(os.environ.get("SWEEPER_STATE_DIR", "mlruns"))
-DEFAULT_TRACKING_URI = f"sqlite:///{STATE_DIR}/mlflow.db"
+STATE_DIR_NAME = "mlruns"
+STATE_DIR_VARIABLE = "SWEEPER_STATE_DIR"
 MASK = "***"
 
 # What MLflow 3's client tracks into (mlflow.tracking._tracking_service.utils: the HTTP REST store,
@@ -49,6 +54,84 @@ class TrackingError(RuntimeError):
 
 class StorageError(ConfigError):
     """The Optuna storage URL is unusable; the message names it (masked)."""
+
+
+class NoStateError(ConfigError):
+    """A command that reads a store found no state directory; the message says where it looked."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The state directory
+
+
+def _working_dir() -> Path | None:
+    try:
+        return Path(os.getcwd())
+    except OSError:  # the working directory was removed
+        return None
+
+
+def find_state_dir(start: str | os.PathLike | None = None) -> Path | None:
+    """The nearest `mlruns/` directory in `start` (default: the working directory) or above it, or None."""
+    here = Path(os.path.abspath(start)) if start is not None else _working_dir()
+    if here is None:
+        return None
+    for directory in (here, *here.parents):
+        if (directory / STATE_DIR_NAME).is_dir():
+            return directory / STATE_DIR_NAME
+    return None
+
+
+def locate_state_dir(start: str | os.PathLike | None = None) -> Path:
+    """The state directory by the rule: $SWEEPER_STATE_DIR, else the nearest `mlruns/` at or above `start`
+    (relative to it: `mlruns`, `../mlruns`), else `mlruns` (not created here)."""
+    given = os.environ.get(STATE_DIR_VARIABLE, "").strip()
+    if given:
+        return Path(given)
+    found = find_state_dir(start)
+    if found is None:
+        return Path(STATE_DIR_NAME)
+    return Path(os.path.relpath(found, os.path.abspath(start) if start is not None else os.getcwd()))
+
+
+# Resolved once, when the process starts (its commands do not change directory); a path relative to
+# the working directory of that moment.
+STATE_DIR = locate_state_dir()
+DEFAULT_TRACKING_URI = f"sqlite:///{STATE_DIR}/mlflow.db"  # as shown in hints; what is used: default_tracking_uri()
+
+
+def state_path() -> Path:
+    """The state directory as an absolute path (what the default URLs name)."""
+    return Path(os.path.abspath(STATE_DIR))
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{state_path()}/mlflow.db"
+
+
+def default_storage_url() -> str:
+    return f"sqlite:///{state_path()}/optuna.db"
+
+
+def require_state(storage: str | None = None) -> None:
+    """A NoStateError unless a store to read is named (`storage`, $SWEEPER_STORAGE) or the state directory
+    exists: a command that only reads never creates an empty store."""
+    if storage or os.environ.get("SWEEPER_STORAGE") or Path(STATE_DIR).is_dir():
+        return
+    raise NoStateError(f"no sweeper state found: {_where_looked()}, or give the storage with --storage URL or "
+                       f"$SWEEPER_STORAGE")
+
+
+def _where_looked() -> str:
+    """Where the state directory was looked for, and how to choose another."""
+    given = os.environ.get(STATE_DIR_VARIABLE, "").strip()
+    if given:
+        return (f"${STATE_DIR_VARIABLE} is {given}, which is not a directory. Set ${STATE_DIR_VARIABLE} to the "
+                f"state directory that holds the study, unset it to use the nearest {STATE_DIR_NAME}/")
+    here = _working_dir()
+    return (f"no {STATE_DIR_NAME}/ directory in {here if here is not None else 'the working directory'} or any "
+            f"directory above it. Run this from the project whose {STATE_DIR_NAME}/ holds the study (or a "
+            f"directory below it), set ${STATE_DIR_VARIABLE} to that {STATE_DIR_NAME}/ directory")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,10 +353,10 @@ def _given(what: str, value: str | None, variable: str, option: str, default: st
 
 def tracking_uri(uri: str | None = None) -> str:
     """The URI to use: the argument, else $MLFLOW_TRACKING_URI, else SQLite under the state directory
-    (sqlite:///mlruns/mlflow.db). Checked (`check_tracking_uri`); a SQLite file's directory is created.
+    (`default_tracking_uri`). Checked (`check_tracking_uri`); a SQLite file's directory is created.
     A URI whose password was masked (a study's stored one) is an error that says how to give it."""
     uri, source = _given("MLflow tracking URI", uri, "MLFLOW_TRACKING_URI", "--tracking-uri",
-                         f"sqlite:///{STATE_DIR}/mlflow.db", TrackingError)
+                         default_tracking_uri(), TrackingError)
     check_tracking_uri(uri, source)
     if uri.split("://", 1)[0].split("+", 1)[0].lower() == "sqlite":
         _prepare_sqlite(uri, "MLflow tracking URI", TrackingError, source)
@@ -324,9 +407,8 @@ def check_storage_url(url: str) -> None:
 
 def storage_url(url: str | None = None) -> str:
     """The argument, else $SWEEPER_STORAGE, else SQLite beside MLflow's store under the state directory
-    (sqlite:///mlruns/optuna.db). Checked (`check_storage_url`); a SQLite file's directory is created."""
-    url, source = _given("Optuna storage", url, "SWEEPER_STORAGE", "--storage", f"sqlite:///{STATE_DIR}/optuna.db",
-                         StorageError)
+    (`default_storage_url`). Checked (`check_storage_url`); a SQLite file's directory is created."""
+    url, source = _given("Optuna storage", url, "SWEEPER_STORAGE", "--storage", default_storage_url(), StorageError)
     try:
         check_storage_url(url)
     except StorageError as err:

@@ -16,6 +16,7 @@ so a terminal's Ctrl-C reaches them only through here, exactly once, and dies wi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Callable
 
 from .spec import SpecError, StudySpec
 from .study import A_REPORT, Outcome, progress, public_url, run, state_dir, storage_url
+from .study.storage import report_dir
 
 
 @dataclass
@@ -98,11 +100,59 @@ def _child_setup(libc) -> Callable[[], None]:
     return setup
 
 
+TRIAL_HEADER = re.compile(r"^(trial \d+) \[\d+/\d+\]")
+
+
+class Board:
+    """The workers' lines: in a terminal, a live row per worker (its trial, its last epoch with the
+    study's ETA) under the lines they print; elsewhere every line, prefixed `[wI]`."""
+
+    def __init__(self, workers: int, echo: Callable[[str], None], live: bool, console=None):
+        self.echo, self.live = echo, None
+        self.rows = {i: f"[w{i}] starting" for i in range(1, workers + 1)}
+        self.trial = {i: "" for i in self.rows}
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=console or Console(), refresh_per_second=2, transient=True)
+            self.live.start()
+
+    def _render(self):
+        from rich.text import Text
+
+        return Text("\n".join(self.rows.values()), no_wrap=True, overflow="ellipsis")
+
+    def line(self, i: int, text: str) -> None:
+        started = TRIAL_HEADER.match(text)  # "trial 7 [3/8] optim=...": the worker starts trial 7
+        if started:
+            self.trial[i] = started.group(1)
+        if self.live is None:
+            self.echo(f"[w{i}] {text}")
+            return
+        if text.startswith("epoch "):
+            self.rows[i] = f"[w{i}] {self.trial[i]} {text}"
+            self.live.update(self._render())
+        else:
+            self.live.console.print(f"[w{i}] {text}", soft_wrap=True, markup=False, highlight=False)
+
+    def say(self, text: str) -> None:
+        if self.live is None:
+            self.echo(text)
+        else:
+            self.live.console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
 def run_workers(spec: StudySpec, workers: int, storage: str | None = None, tracking_uri: str | None = None,
-                n_trials: int | None = None, report: bool = True,
-                echo: Callable[[str], None] = print) -> WorkersOutcome:
+                n_trials: int | None = None, report: bool = True, quiet: bool = False,
+                echo: Callable[[str], None] = print, live: bool | None = None) -> WorkersOutcome:
     """Prepare the study, run `workers` worker processes on it until it is done (or each ran `n_trials`
-    trials), and return what they left."""
+    trials), and return what they left. Unless `quiet`, the workers' epoch lines are relayed too (`live`,
+    by default when stdout is a terminal: as one live row per worker)."""
     url = storage_url(storage)
     check_storage(url, workers)
     prepared = run(spec, storage=url, tracking_uri=tracking_uri, n_trials=0, quiet=True, echo=echo,
@@ -120,7 +170,7 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
     uris = {"SWEEPER_STORAGE": url, "MLFLOW_TRACKING_URI": prepared.tracking_uri}
     # --relayed: the workers print their trials' lines only; the study's summary, its exit message and the
     # command that resumes it are this process's (one story, not one per worker).
-    command = [sys.executable, "-m", "sweeper.cli", "worker", spec.name, "--quiet", "--relayed"] + (
+    command = [sys.executable, "-m", "sweeper.cli", "worker", spec.name, "--relayed"] + (["--quiet"] if quiet else []) + (
         ["--n-trials", str(n_trials)] if n_trials else []) + ([] if report else ["--no-report"])
     gpus = _gpu_count()
     procs: list[subprocess.Popen] = []
@@ -128,11 +178,13 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
     lock = threading.RLock()  # (RLock: a second Ctrl-C may interrupt the first one's message)
     signals = {"count": 0}
 
+    board = Board(n, echo, sys.stdout.isatty() and not quiet if live is None else live)
+
     def relay(i: int, proc: subprocess.Popen) -> None:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             with lock:
-                echo(f"[w{i}] {line}")
+                board.line(i, line)
 
     interrupted: set[int] = set()  # workers sent SIGINT (once each: a second would cut their clean stop short)
 
@@ -151,8 +203,8 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
         signals["count"] += 1
         first = signals["count"] == 1
         with lock:
-            echo("interrupting the workers (their running trials are queued again; Ctrl-C again to kill them)"
-                 if first else "killing the workers")
+            board.say("interrupting the workers (their running trials are queued again; Ctrl-C again to kill them)"
+                      if first else "killing the workers")
         for p in procs:
             send(p, signal.SIGINT if first else signal.SIGKILL)
 
@@ -176,10 +228,11 @@ def run_workers(spec: StudySpec, workers: int, storage: str | None = None, track
             signal.signal(s, handler)
     for t in relays:
         t.join(10)
+    board.close()
     prog = progress(study, spec)
     if signals["count"] and not prog.complete and not prog.running and prepared.parent_run_id:
         _end_parent(prepared, "KILLED", echo)
-    path = state_dir() / "reports" / spec.name / "report.md"
+    path = report_dir(spec.name) / "report.md"
     built = prog.complete and report and study.user_attrs.get(A_REPORT) == f"{prog.done}/{prog.total}" and path.exists()
     return WorkersOutcome(prepared, prog, codes, interrupted=signals["count"] > 0, report=path if built else None)
 

@@ -129,6 +129,28 @@ def test_piped_output_is_plain_lines_never_wrapped(in_tmp):
                          env={**subprocess_env(in_tmp), "COLUMNS": "40"})
     assert out.returncode == 0, out.stderr
     epochs = [line for line in out.stderr.splitlines() if line.startswith("epoch ")]
-    assert len(epochs) == 2 and all("train loss" in e and "lr " in e and e.endswith("img/s") for e in epochs), \
-        out.stderr
+    assert len(epochs) == 2 and all("train loss" in e and "lr " in e and "img/s" in e for e in epochs), out.stderr
+    assert epochs[0].endswith(" s") and "img/s  ETA " in epochs[0] and epochs[1].endswith("img/s"), out.stderr
     assert "━" not in out.stderr and "\r" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_piped_study_says_its_progress_on_every_epoch_and_its_data_once(in_tmp):
+    """Into a pipe: each epoch line ends with the study's progress and ETA; the data source, the same
+    for every trial, is said once."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env, write_spec
+
+    spec = write_spec(in_tmp / "p.yaml", "p", grid={"optim.lr": [0.05, 0.1, 0.2]})
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "study", "run", str(spec), "--tracking-uri",
+                          f"sqlite:///{in_tmp}/mlruns/mlflow.db"], capture_output=True, text=True, cwd=in_tmp,
+                         timeout=300, env=subprocess_env(in_tmp))
+    assert out.returncode == 0, out.stdout + out.stderr
+    epochs = [line for line in out.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 6, out.stderr
+    for i, line in enumerate(epochs):  # trial i: i of 3 done while it trains, its ETA once it has an epoch
+        assert f"(study p: {i // 2}/3 done, ETA " in line and "ETA after" not in line, line
+    assert sum(line.startswith("synthetic: 256 train / 64 val") for line in out.stderr.splitlines()) == 1, out.stderr
+    assert "database tables" not in out.stdout + out.stderr

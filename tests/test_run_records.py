@@ -114,3 +114,25 @@ def test_model_loads_back_and_predicts_the_final_evaluation(records):
         assert acc == pytest.approx(r.data.metrics["eval_acc"], abs=1e-3)
         info = mlflow.models.get_model_info(f"runs:/{r.info.run_id}/model")
         assert info.signature.inputs.inputs[0].shape == (-1, 1, 16, 16)
+
+
+def test_keep_models_keeps_the_best_k_trials_models(workdir, monkeypatch):
+    """keep_models: 1: of three trials, only the best one's run keeps a logged model (a trial that finishes
+    outside the best k logs none; one pushed out of them loses its model)."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.study.attrs import A_RUN_PREFIX
+
+    monkeypatch.setenv("SWEEPER_FLUSH_TIMEOUT", "300")  # a busy machine: wait for the models, never spool
+
+    uri = f"sqlite:///{workdir}/mlruns/mlflow.db"
+    spec = write_spec(workdir / "k.yaml", "keep", keep_models=1, grid={"optim.lr": [0.002, 0.05, 0.2]})
+    out = st.run(load_spec(str(spec)), tracking_uri=uri, quiet=True, echo=lambda line: None)
+    assert out.complete
+    best = max(out.study.best_trials, key=lambda t: t.value)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("keep")
+    models = client.search_logged_models([exp.experiment_id])
+    best_run = best.user_attrs.get(st.T_RUN) or out.study.user_attrs[f"{A_RUN_PREFIX}{best.number}"]
+    assert [m.source_run_id for m in models] == [best_run], [
+        (t.number, t.value, t.user_attrs.get(st.T_RUN)) for t in out.study.trials]

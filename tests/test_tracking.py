@@ -130,3 +130,33 @@ def test_no_metric_is_lost_while_the_server_is_down(workdir, mlflow_server, monk
     recorded = {t.number: t.user_attrs.get(st.T_RUN) or out.study.user_attrs.get(f"sweeper.run.{t.number}")
                 for t in out.study.trials}
     assert sorted(recorded.values()) == sorted(r.info.run_id for r in runs)
+
+
+def test_a_delivery_that_outlasts_wait_is_spooled_and_the_thread_ends_cleanly(tmp_path, monkeypatch):
+    """`wait` gives up on a delivery in flight and spools it; when that delivery then returns, the thread
+    ends without an error (it used to pop from the emptied pending list: IndexError in the thread)."""
+    import threading
+    import time
+
+    from sweeper import tracking
+
+    release = threading.Event()
+
+    class SlowClient:
+        tracking_uri = "http://127.0.0.1:9"
+
+        def log_batch(self, *args, **kwargs):
+            release.wait(10)
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    monkeypatch.setattr(tracking.RunLogger, "IN_FLIGHT_S", 0.2)
+    logger = tracking.RunLogger(SlowClient(), run_id="r1", spool_dir=tmp_path / "spool")
+    logger.log_metrics({"acc": 1.0}, step=1)
+    logger.end(None)
+    time.sleep(0.2)  # the thread is inside log_batch
+    assert logger.wait(0.1) is False and logger.spooled
+    release.set()
+    logger._thread.join(10)
+    assert not logger._thread.is_alive() and errors == []
+    assert len(list((tmp_path / "spool").glob("*.jsonl"))) == 1

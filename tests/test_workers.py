@@ -186,3 +186,40 @@ def test_each_queued_point_is_popped_once_on_sqlite(workdir):
     """The grid queue's contract on SQLite (BEGIN IMMEDIATE makes Optuna's pop atomic, see
     `storage._serialize_sqlite`): six threads asking at once take each queued point exactly once."""
     assert pop_race(st.open_storage(), threads=6, points=18) == list(range(18))
+
+
+def test_the_board_keeps_a_live_row_per_worker_and_prints_the_rest_above():
+    """In a terminal: a worker's epoch lines replace its row (its trial, the epoch, the study's ETA); its
+    other lines (trial headers and results) scroll above the rows."""
+    import io
+
+    from rich.console import Console
+
+    from sweeper.workers import Board
+
+    screen = io.StringIO()
+    echoed: list[str] = []
+    board = Board(2, echoed.append, live=True, console=Console(file=screen, force_terminal=True, width=200))
+    board.line(1, "trial 3 [4/8] optim.lr=0.1 seed=0")
+    board.line(1, "epoch   1/5  train loss 0.5 ... 8,000 img/s  ETA 40 s  (study s: 3/8 done, ETA 5 min 00 s)")
+    board.line(2, "trial 4 [5/8] optim.lr=0.2 seed=0")
+    assert board.rows[1] == "[w1] trial 3 epoch   1/5  train loss 0.5 ... 8,000 img/s  ETA 40 s  (study s: 3/8 done, ETA 5 min 00 s)"
+    assert board.rows[2] == "[w2] starting"  # no epoch yet
+    board.close()
+    assert echoed == [] and "[w1] trial 3 [4/8]" in screen.getvalue() and "[w2] trial 4 [5/8]" in screen.getvalue()
+    piped: list[str] = []
+    plain = Board(2, piped.append, live=False)
+    plain.line(2, "epoch   1/5  ...")
+    assert piped == ["[w2] epoch   1/5  ..."]
+
+
+@pytest.mark.slow
+def test_workers_relay_every_epoch_line_unless_quiet_and_print_one_summary(workdir):
+    spec = write_spec(workdir / "e.yaml", "e", grid={"optim.lr": [0.05, 0.1, 0.2]})
+    proc = subprocess.run(sweeper_cmd("study", "run", str(spec), "--workers", "2", "--no-report"),
+                          cwd=workdir, env=subprocess_env(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    epochs = [line for line in lines if line[:3] in ("[w1", "[w2") and line[5:].startswith("epoch ")]
+    assert len(epochs) == 6 and all("(study e: " in line for line in epochs), proc.stdout
+    assert sum(line.startswith("study e: 3/3 done") for line in lines) == 1, proc.stdout

@@ -1,7 +1,8 @@
 """Run the CPU-scale twins of the source studies (`studies/cpu/`) and rebuild `docs/results/`.
 
-Each study runs with `sweeper study run SPEC --quiet` (resuming it if it was interrupted), then its report
-is written to `docs/results/<study>/` beside `RUN.md`: the command, the commit, the host and the wall time.
+Each study runs with `sweeper study run SPEC --quiet` (resuming it if it was interrupted; a complete one
+is not run again), then its report is written to `docs/results/<study>/` beside `RUN.md` (from
+`run.json`): the command, the commit, the host and the wall time of the run, and the commit of the report.
 The findings page `docs/results/README.md` is written by hand from those reports.
 
     python tools/reproduce.py                  # every study; a complete one only gets its report rebuilt
@@ -13,6 +14,7 @@ This is a benchmark, not a test: the set takes about 1.5 hours on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -59,32 +61,46 @@ def host() -> str:
             f"{platform.python_version()}, torch {torch.__version__} (threads {torch.get_num_threads()})")
 
 
-def run_one(spec_path: Path, fresh: bool) -> tuple[str, float, int]:
+def complete(name: str) -> bool:
+    """Whether study NAME exists and every trial is finished (its run is then not repeated)."""
+    out = subprocess.run([sys.executable, "-m", "sweeper.cli", "study", "status", name, "--json"], cwd=ROOT,
+                         capture_output=True, text=True)
+    return out.returncode == 0 and json.loads(out.stdout.splitlines()[-1]).get("complete", False)
+
+
+def run_one(spec_path: Path, fresh: bool) -> tuple[str, float | None, int]:
+    """Run the study (unless it is complete), then rebuild its report; `run.json` keeps how it ran."""
     name = yaml.safe_load(spec_path.read_text())["name"]
     out = RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
+    rel = spec_path.relative_to(ROOT)
+    record = out / "run.json"
     if fresh:
         sweeper("study", "delete", name, "--yes", log=out / "delete.log")
         (out / "delete.log").unlink()
-    rel = spec_path.relative_to(ROOT)
-    commit = git("rev-parse", "HEAD")
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--", "trainers", "sweeper", str(rel)) else ""
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    code = sweeper("study", "run", str(rel), "--quiet", log=out / "run.log")
-    wall = time.perf_counter() - t0
-    print(f"{name}: exit {code} after {wall:.0f} s", flush=True)
-    if code == 0:
+    if fresh or not complete(name) or not record.exists():
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--", "trainers", "sweeper", str(rel)))
+        started = datetime.now(timezone.utc)
+        t0 = time.perf_counter()
+        code = sweeper("study", "run", str(rel), "--quiet", log=out / "run.log")
+        wall = time.perf_counter() - t0
+        record.write_text(json.dumps({"command": f"sweeper study run {rel} --quiet", "commit": commit, "dirty": dirty,
+                                      "host": host(), "started": f"{started:%Y-%m-%d %H:%M} UTC",
+                                      "wall_s": round(wall), "exit": code}, indent=1) + "\n")
+        print(f"{name}: exit {code} after {wall:.0f} s", flush=True)
+    ran = json.loads(record.read_text())
+    if ran["exit"] == 0:
         sweeper("study", "report", name, "--out", str(out.relative_to(ROOT)), "--no-log")
     (out / "RUN.md").write_text(
         f"# How `{name}` was run\n\n"
-        f"- command: `sweeper study run {rel} --quiet` (from `python tools/reproduce.py --only {name}`), then "
-        f"`sweeper study report {name} --out {out.relative_to(ROOT)}`\n"
-        f"- commit: `{commit}`{dirty}\n"
-        f"- host: {host()}\n"
-        f"- started: {started:%Y-%m-%d %H:%M} UTC; wall time of `study run`: {wall:.0f} s; exit status {code}\n"
-        f"- its output: [run.log](run.log)\n")
-    return name, wall, code
+        f"- `{ran['command']}` (by `python tools/reproduce.py --only {name}`) at commit `{ran['commit']}`"
+        f"{' with uncommitted changes' if ran['dirty'] else ''}; its output: [run.log](run.log)\n"
+        f"- host: {ran['host']}\n"
+        f"- started {ran['started']}; wall time {ran['wall_s']} s; exit status {ran['exit']}\n"
+        f"- report: `sweeper study report {name} --out {out.relative_to(ROOT)} --no-log` at commit "
+        f"`{git('rev-parse', 'HEAD')}`\n")
+    return name, ran["wall_s"], ran["exit"]
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ from .. import tracking
 from ..mlflow_ui import experiment_tags
 from ..spec import StudySpec, encode
 from .attrs import A_PARENT, A_REPORT
+from . import storage
 from .storage import public_url, state_dir
 
 
@@ -76,7 +77,7 @@ def stage_dir(spec: StudySpec) -> Path:
 
 
 def report_dir(spec: StudySpec) -> Path:
-    return state_dir() / "reports" / spec.name
+    return storage.report_dir(spec.name)
 
 
 def reported(study, mark: str) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..figures import fmt
 from ..spec import SEED_KEY, StudySpec, encode
 from .attrs import T_POINT, T_SKIPPED, point_of, status_of
 
@@ -392,6 +393,41 @@ def status(view, spec: StudySpec, now: datetime.datetime | None = None) -> Statu
     return Status(view.study_name, spec, p, counts, running, elapsed, eta, mean, grace, list(spec.overrides))
 
 
+def study_eta(s: Status, trial_left: float | None, trial_total: float | None) -> float | None:
+    """Seconds until the study is done, seen from inside a trial that `s` (read before it started) does
+    not count: the trials not started yet at the pace of the finished ones (of this one, before any
+    finished), plus what this and the other live trials have left, shared by the live workers."""
+    live = [r for r in s.running if not r.stale]
+    mean = s.mean_trial if s.mean_trial is not None else trial_total
+    if mean is None or trial_left is None:
+        return None
+    left = max(0, s.progress.total - s.progress.done - len(live) - 1)
+    work = left * mean + trial_left + sum(max(0.0, mean - (r.elapsed or 0.0)) for r in live)
+    return work / (len(live) + 1)
+
+
+@dataclass
+class StudyRow:
+    """A study's progress beside one of its trials' (in `study run`'s console), from `status`, read
+    before the trial started."""
+    status: Status
+
+    @property
+    def done(self) -> int:
+        return self.status.progress.done
+
+    @property
+    def total(self) -> int:
+        return self.status.progress.total
+
+    def eta(self, trial_left: float | None, trial_total: float | None) -> str:
+        eta = study_eta(self.status, trial_left, trial_total)
+        return f"ETA {duration_label(eta)}" if eta is not None else "ETA after the first epoch"
+
+    def text(self, trial_left: float | None, trial_total: float | None) -> str:
+        return f"study {self.status.name}: {self.done}/{self.total} done, {self.eta(trial_left, trial_total)}"
+
+
 def duration_label(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -415,7 +451,7 @@ def status_lines(s: Status) -> list[str]:
     if s.overrides:
         lines.append("set: " + " ".join(f"--set {o}" for o in s.overrides))
     if p.best:
-        lines.append(f"best {spec.objective.metric}: {p.best[1]:.4g} at {spec.label(p.best[0])}"
+        lines.append(f"best {spec.objective.metric}: {fmt(spec.objective.metric, p.best[1])} at {spec.label(p.best[0])}"
                      + (" (mean over seeds)" if len(spec.seeds) > 1 else ""))
     timing = [f"elapsed {duration_label(s.elapsed)}"] if s.elapsed is not None else []
     if s.mean_trial is not None:

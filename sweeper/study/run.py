@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import tracking
+from .. import tracking, uris
+from ..figures import fmt
 from ..spec import StudySpec
 from . import faults
 from .attrs import A_PARENT, A_REPORT, A_TRACKING, T_ERROR
 from .parent import build_report, open_parent, reported, stage_dir
 from .points import top_up
-from .progress import Progress, progress
+from .progress import Progress, StudyRow, progress, status
 from .queue import alive, recover, worker_id
 from .storage import open_storage, open_study, public_url, state_dir, study_names
 from .trial import Trials
@@ -71,7 +72,21 @@ def resolve_tracking(study_or_none, given: str | None) -> str:
     """The argument, else $MLFLOW_TRACKING_URI, else the URI the study was created with (stored with its
     password masked: `uris.tracking_uri` then asks for the whole URI), else the local store."""
     stored = study_or_none.user_attrs.get(A_TRACKING) if study_or_none is not None else None
+    if stored and stored.startswith("sqlite:///") and not os.path.isabs(stored[len("sqlite:///"):]):
+        stored = f"sqlite:///{uris.state_path().parent / stored[len('sqlite:///'):]}"
     return tracking.tracking_uri(given or os.environ.get("MLFLOW_TRACKING_URI") or stored)
+
+
+def stored_tracking(uri: str) -> str:
+    """The tracking URI as the study keeps it: a SQLite file in the state directory relative to the state
+    directory's parent (`sqlite:///mlruns/mlflow.db`), so the study finds it from any directory and after
+    the project moved; anything else as it is, its password masked."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        base = uris.state_path().parent
+        if path.is_absolute() and path.is_relative_to(base):
+            return f"sqlite:///{path.relative_to(base)}"
+    return public_url(uri)
 
 
 class Call:
@@ -116,6 +131,7 @@ class Call:
                 warnings.simplefilter("ignore")  # "Heartbeat of storage is supposed to be used with optimize": ours is `Heartbeat`
                 trial = self.study.ask()
             faults.point("asked")
+            self.trials.study_row = StudyRow(status(self.study, spec))
             state, value = self.trials.run(trial, f"[{min(prog.done + 1, prog.total)}/{prog.total}]")
             self.after_trial(trial.number, state, value)
 
@@ -144,9 +160,9 @@ class Call:
             self.fails_in_row = 0
             self.completed += 1
             status = status_of(frozen)
-            shown = "diverged" if status == "diverged" else f"{metric} {frozen.value:.4g}"
+            shown = "diverged" if status == "diverged" else f"{metric} {fmt(metric, frozen.value)}"
             what = f"{state} {shown}" + (f" at epoch {frozen.last_step}" if status == "pruned" else "")
-        best = f"best {prog.best[1]:.4g}" if prog.best else "no best yet"
+        best = f"best {fmt(metric, prog.best[1])}" if prog.best else "no best yet"
         self.echo(f"trial {number} {what}  ({best}; {prog.done}/{prog.total} done; {secs:.1f} s)")
         numbers = {"trials_done": prog.done}
         if prog.best:
@@ -195,6 +211,8 @@ class Call:
         self.parent.end(status)
         if timeout is None:
             timeout = float(os.environ.get("SWEEPER_FLUSH_TIMEOUT", 60))
+        if prog.complete:
+            self.trials.prune_models(timeout)
         loggers = [r.logger for r in self.trials.runs] + [self.parent]
         quick = time.monotonic() + min(2.0, timeout)
         for lg in loggers:  # usually all is delivered by now; say something only when it is not
@@ -249,8 +267,8 @@ def run(spec: StudySpec, storage: str | None = None, tracking_uri: str | None = 
             import trainers.train  # noqa: F401 - the trainer's import (torch) is not orchestration: timed apart
             import_time = time.perf_counter() - t_import
             study = open_study(spec, store)
-            if study.user_attrs.get(A_TRACKING) != public_url(uri):
-                study.set_user_attr(A_TRACKING, public_url(uri))
+            if study.user_attrs.get(A_TRACKING) != stored_tracking(uri):
+                study.set_user_attr(A_TRACKING, stored_tracking(uri))
             call = Call(study, store, spec, client, quiet, echo, report)
             if call.trials.reconcile():
                 echo("delivering to MLflow what a previous run of this study left undelivered")

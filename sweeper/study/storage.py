@@ -13,13 +13,21 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .. import tracking
 from ..spec import SpecError, StudySpec, changed_keys, overlay
 from .attrs import A_SPEC, A_UID
 
 
 def state_dir() -> Path:
-    return tracking.STATE_DIR
+    """The state directory (`uris.STATE_DIR`: $SWEEPER_STATE_DIR, else the nearest mlruns/ at or above the
+    working directory, else ./mlruns): checkpoints, spool, staged run files and reports live under it."""
+    from .. import uris
+
+    return uris.STATE_DIR
+
+
+def report_dir(name: str) -> Path:
+    """Where study NAME's report is written, by `study run` at completion and by `study report`."""
+    return state_dir() / "reports" / name
 
 
 def storage_url(url: str | None = None) -> str:

@@ -6,6 +6,7 @@ budget, TPE learns to avoid the region, and it is never retried. FAIL is kept fo
 """
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..run import objective_value, restored_history, trial_summary
+from ..tracking import logger_for
 from ..spec import StudySpec
 from . import faults
 from .attrs import (A_RUN_PREFIX, A_UID, S_HISTORY, T_ERROR, T_POINT, T_RESULT, T_RUN, T_SKIPPED, T_WORKER,
@@ -76,6 +78,8 @@ class Trials:
         self.prunes = spec.kind == "tune" and spec.pruner.name != "none"
         self.in_trial = False  # inside a trial's training (Ctrl-C interrupts at once)
         self.stop_requested: Callable[[], bool] = lambda: False  # a Ctrl-C that came between two trials
+        self.study_row = None  # progress.StudyRow: the study's progress beside the trial's
+        self.said: set[str] = set()  # the trainer's messages printed in this call (the data source: once)
 
     # -- one trial ----------------------------------------------------------------------------------
 
@@ -176,6 +180,7 @@ class Trials:
         run = TrackedRun(self.client, spec.name, key=f"{self.key}/{first}", run_name=f"{first:03d} {spec.label(params)}",
                          parent=self.parent, run_id=self._known_run(frozen),
                          tags={"sweeper.study": spec.name, "optuna.origin_trial": first})
+        run.origin = first
         self.runs.append(run)
         ckpt = self.checkpoints / str(first)
         restored = restored_history(ckpt)
@@ -203,9 +208,9 @@ class Trials:
 
         t0 = time.perf_counter()
         try:
-            with progress_bar(cfg.epochs, enabled=not self.quiet) as (on_progress, on_line, log):
+            with progress_bar(cfg.epochs, enabled=not self.quiet, study=self.study_row) as (on_progress, on_line, log):
                 result = train(cfg, on_epoch=on_epoch, checkpoint_dir=ckpt, on_progress=on_progress,
-                               log=run.data_log(log))
+                               log=run.data_log(self._once(log)))
         except KeyboardInterrupt:
             self._record_run(trial, run, wait=2.0)
             run.end("KILLED", {"optuna.state": "INTERRUPTED"})
@@ -228,10 +233,21 @@ class Trials:
             raise
         self.train_time += time.perf_counter() - t0
         value = objective_value(spec, result)
+        keep, pushed_out = self._keeps_model(trial.number, value)
         self._finish(trial, run, result, "COMPLETE", status=result.status, cfg=cfg,
-                     ckpt=ckpt if result.status == "completed" else None, objective=value)
+                     ckpt=ckpt if result.status == "completed" and keep else None, objective=value)
+        for run_id in pushed_out:  # its model is no longer among the best k: the registry keeps k
+            self.runs.append(_ModelDrop(logger_for(self.client, run_id)))
         self.finished.append((run, ckpt, first))  # the checkpoint goes once MLflow has every epoch (see release)
         return value
+
+    def _once(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log` for the trainer's messages, each printed once per call: every trial loads the same data."""
+        def say(message) -> None:
+            if str(message) not in self.said:
+                self.said.add(str(message))
+                log(message)
+        return say
 
     def interrupted(self, number: int) -> None:
         """Ctrl-C: the running trial is failed and queued again, so a resume continues it."""
@@ -261,6 +277,57 @@ class Trials:
             reported.add(report.epoch)
         if prune and self.prunes and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {report.epoch}")
+
+    def _keeps_model(self, number: int, value: float | None) -> tuple[bool, list[str]]:
+        """Whether trial `number`, finishing with `value`, logs its model, and the runs whose model it
+        pushes out of the best `keep_models` (none while the spec keeps every trial's)."""
+        from optuna.trial import TrialState
+
+        k = self.spec.keep_models
+        if k is None:
+            return True, []
+        if value is None or not math.isfinite(value):
+            return False, []
+        sign = -1 if self.spec.objective.direction == "maximize" else 1
+        runs = self._run_ids()
+        others = sorted((sign * t.value, t.number, runs.get(origin(t))) for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != number and t.value is not None
+            and math.isfinite(t.value) and t.user_attrs.get(T_RESULT, {}).get("status") == "completed")
+        rank = sum(1 for v, n, _ in others if (v, n) < (sign * value, number))
+        if rank >= k:
+            return False, []
+        return True, [r for _, _, r in others[k - 1:k] if r]
+
+    def prune_models(self, timeout: float) -> None:
+        """At the study's end, once this call's runs are delivered (a model still being logged would outlive
+        its deletion): the models of the trials outside the best `keep_models` are deleted."""
+        from optuna.trial import TrialState
+
+        k = self.spec.keep_models
+        if k is None:
+            return
+        deadline = time.monotonic() + timeout
+        for run in self.runs:
+            run.logger.join(max(0.0, deadline - time.monotonic()))
+        sign = -1 if self.spec.objective.direction == "maximize" else 1
+        runs = self._run_ids()
+        ranked = sorted((sign * t.value, t.number, runs.get(origin(t))) for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None and math.isfinite(t.value))
+        for _, _, run_id in ranked[k:]:
+            if run_id:
+                self.runs.append(_ModelDrop(logger_for(self.client, run_id)))
+
+    def _run_ids(self) -> dict[int, str]:
+        """The MLflow run of each retry chain (by its first trial) known now: recorded with the trials, with
+        the study (a run opened after its trial ended), or opened by this call."""
+        runs = {int(k[len(A_RUN_PREFIX):]): v for k, v in self.study.user_attrs.items() if k.startswith(A_RUN_PREFIX)}
+        for t in self.study.get_trials(deepcopy=False):
+            if T_RUN in t.user_attrs:
+                runs[origin(t)] = t.user_attrs[T_RUN]
+        for run in self.runs:
+            if getattr(run, "origin", None) is not None and run.run_id:
+                runs[run.origin] = run.run_id
+        return runs
 
     def _known_run(self, frozen) -> str | None:
         """The MLflow run of the retry chain, if a previous attempt recorded it."""
@@ -321,6 +388,7 @@ class Trials:
                                  history=history, total_time=sum(r.epoch_time + r.eval_time for r in history), device="")
             run.finish(result, {"optuna.state": t.state.name, "optuna.trial_number": t.number, "sweeper.status": status},
                        title=f"{spec.name} trial {t.number}: {spec.label(point)}")
+            run.origin = origin(t)
             self.runs.append(run)
             self.finished.append((run, ckpt, origin(t)))
             n += 1
@@ -340,3 +408,12 @@ class Trials:
             else:
                 keep.append((run, ckpt, first))
         self.finished = keep
+
+
+class _ModelDrop:
+    """A delivery like a trial's (waited for and spooled with them): delete the MLflow model of a run."""
+
+    def __init__(self, logger):
+        self.logger = logger
+        logger.drop_models()
+        logger.end(None)
