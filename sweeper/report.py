@@ -252,7 +252,8 @@ def plots(study, spec: StudySpec, frame: pd.DataFrame, out: Path) -> tuple[list[
     own = [("curves.png", "eval accuracy and loss per epoch (mean over seeds)", curves_figure(study, spec, frame)),
            ("heatmap_k_j.png", "eval accuracy over K x J", heatmap_figure(frame, keys)),
            ("accuracy_vs_batch.png", "eval accuracy vs batch size", batch_figure(frame, keys)),
-           ("communication_vs_alpha.png", "communication vs alpha", alpha_figure(frame, keys))]
+           ("communication_vs_alpha.png", "communication vs alpha", alpha_figure(frame, keys)),
+           ("local_steps.png", "local steps per averaging round, per epoch", local_steps_figure(study, spec, frame))]
     shown += [(title, _save(fig, out / name)) for name, title, fig in own if fig is not None]
     tune, left_out = tune_plots(study, spec)
     drawn, failed = _optuna_plots(out, tune)
@@ -306,6 +307,34 @@ def _mean_curve(curves: list[dict], metric: str) -> pd.Series:
     series = [pd.Series(c[metric], index=c.get("epoch") or range(1, len(c[metric]) + 1), dtype=float)
               for c in curves if c.get(metric)]
     return pd.concat(series, axis=1).mean(axis=1) if series else pd.Series(dtype=float)
+
+
+def local_steps_figure(study, spec: StudySpec, frame: pd.DataFrame):
+    """The averaging period's trajectory (dynamic J_t, ADPSGD's p) per point, mean over seeds: drawn only
+    when it changes during a run, so a constant J draws nothing."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .study import curves_of
+
+    dims = [k for k in spec.dims if k != SEED_KEY]
+    named = [d for d in dims if varies(frame, d)] or dims
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    groups = frame.groupby(dims, sort=False, dropna=False) if dims else [((), frame)]
+    lines = []
+    for _, group in groups:
+        mean = _mean_curve([curves_of(by_number[n]) for n in group["trial"]], "local_steps_mean")
+        if len(mean) and mean.nunique() > 1:
+            lines.append((labels(group.head(1), named)[0] if named else "all", mean))
+    if not lines:
+        return None
+    fig, ax = _figure(7.5, 4.0)
+    for label, mean in lines[:CURVES_SHOWN]:
+        ax.plot(mean.index, mean.values, marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel=NAMES["local_steps_mean"], title=f"{spec.name}: local steps per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def heatmap_figure(frame: pd.DataFrame, keys: list[str]):

@@ -82,6 +82,7 @@ def log_result(logger: RunLogger, result, run_id: str, stage: Path | None = None
 
 
 CURVE_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc")
+STEP_KEYS = ("local_steps_mean", "local_steps")  # K-worker runs: local steps per round, and J_t / p at the epoch's end
 
 
 def curves(history) -> dict[str, list[float]]:
@@ -89,6 +90,9 @@ def curves(history) -> dict[str, list[float]]:
     out: dict[str, list] = {"epoch": [r.epoch for r in history]}
     for key in CURVE_KEYS:
         out[key] = [v if math.isfinite(v := getattr(r, key)) else None for r in history]
+    for key in STEP_KEYS:  # the averaging period of the K-worker engine: J_t's trajectory (Poiatti et al., Table 6)
+        if history and all(key in r.extra for r in history):
+            out[key] = [v if math.isfinite(v := float(r.extra[key])) else None for r in history]
     return out
 
 

@@ -289,3 +289,39 @@ def test_parallel_coordinates_for_two_varied_keys_labels_sub_configs(tmp_path):
         plt.close(ax.figure)
     study, spec = fabricate({"batch_size": [32, 64]}, [0, 1], lambda p: {"final_eval_acc": 40.0})
     assert parallel_plot(study, spec) == []  # one varied key
+
+
+def test_the_local_steps_trajectory_is_drawn_only_when_it_changes():
+    """Dynamic J (Poiatti et al., Table 6): J_t per epoch for each alpha, mean over seeds; a constant J
+    draws nothing."""
+    from sweeper.report import local_steps_figure
+
+    def study_with(trajectory):
+        study, spec = fabricate({"distributed.dynamic.alpha": [100, 4500]}, [0, 1], lambda p: {"final_eval_acc": 50.0})
+        redone = optuna.create_study(direction="maximize")
+        for t in study.trials:
+            curves = {**t.user_attrs[st.T_RESULT]["curves"],
+                      "local_steps_mean": trajectory(t.params["distributed.dynamic.alpha"], t.params["seed"])}
+            redone.add_trial(optuna.trial.create_trial(
+                params=t.params, distributions=t.distributions, value=t.value, system_attrs=t.system_attrs,
+                user_attrs={st.T_RESULT: {**t.user_attrs[st.T_RESULT], "curves": curves}}))
+        return redone, spec
+
+    study, spec = study_with(lambda alpha, seed: [4.0 + seed, alpha / 100 + seed])
+    fig = local_steps_figure(study, spec, trials_frame(study, spec))
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert lines == {"alpha=100": [4.5, 1.5], "alpha=4500": [4.5, 45.5]}
+    study, spec = study_with(lambda alpha, seed: [16.0, 16.0])
+    assert local_steps_figure(study, spec, trials_frame(study, spec)) is None
+
+
+def test_a_trials_stored_curves_carry_its_averaging_period_when_the_engine_reports_it():
+    from sweeper.run import curves
+    from trainers.results import EpochReport
+
+    def report(epoch, **extra):
+        return EpochReport(epoch, 1.0, 50.0, 1.0, 50.0, 0.1, 1.0, 0.1, 100.0, extra)
+
+    k_worker = curves([report(1, local_steps_mean=4.0, local_steps=6.0), report(2, local_steps_mean=9.5, local_steps=12.0)])
+    assert k_worker["local_steps_mean"] == [4.0, 9.5] and k_worker["local_steps"] == [6.0, 12.0]
+    assert "local_steps_mean" not in curves([report(1), report(2)])  # one model: no period
