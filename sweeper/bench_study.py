@@ -6,11 +6,14 @@ The same N trial configs (a grid of N learning rates, each about `trial_seconds`
     config, with no callback and no checkpoint (`python -m sweeper.bench_study --bare`);
 (b) the real command, end to end, as a user runs it: `python -m sweeper.cli study run SPEC` in its own
     process, with an Optuna SQLite storage and an MLflow SQLite store in a temporary directory,
-    checkpoints every epoch, the courier, heartbeats, the final delivery to MLflow.
+    checkpoints every epoch, the courier, heartbeats, the final delivery to MLflow;
+(c) the same command without the trials' MLflow models (`keep_models: 0`) and system metrics
+    (`SWEEPER_SYSTEM_METRICS_INTERVAL=0`): (b) - (c) is what those records cost, and whether any of it
+    lands in the training epochs (it should not: the courier process builds and uploads them).
 
 Both are timed from process launch to process exit, so Python's start and the torch import are in both;
-the arms are interleaved a-b-b-a-a-b... (drift of the machine's load hits both alike) and the medians
-kept. The headline is
+the arms are interleaved a-b-c, b-c-a, c-a-b, ... (drift of the machine's load hits them alike) and the
+medians kept. The headline is
 
     overhead = (median wall of b - median wall of a) / median wall of b
 
@@ -89,10 +92,12 @@ def learning_rates(n: int) -> list[float]:
     return [round(0.01 * 1.25 ** i, 6) for i in range(n)]
 
 
-def study_spec(s: StudyBenchSettings, name: str, train_size: int) -> dict[str, Any]:
+def study_spec(s: StudyBenchSettings, name: str, train_size: int, records: bool = True) -> dict[str, Any]:
+    """The grid of arm (b); without `records` (arm c) it logs no model (`keep_models: 0`)."""
     return {"name": name, "kind": "grid", "description": "sweeper bench --study",
             "objective": {"metric": "eval_acc", "direction": "maximize"},
-            "base": base_config(s, train_size), "grid": {"optim.lr": learning_rates(s.trials)}, "seeds": [0]}
+            "base": base_config(s, train_size), "grid": {"optim.lr": learning_rates(s.trials)}, "seeds": [0],
+            **({} if records else {"keep_models": 0})}
 
 
 def calibrate(s: StudyBenchSettings, log: Callable[[str], None]) -> int:
@@ -170,17 +175,20 @@ def run_bare(s: StudyBenchSettings, configs: list[dict], work: Path, tag: str) -
             "cpu": cpu}
 
 
-def run_study(s: StudyBenchSettings, train_size: int, work: Path, tag: str, stores: Path) -> dict:
-    """Arm (b): `sweeper study run` in its own process; the timeline is read back from the stores."""
+def run_study(s: StudyBenchSettings, train_size: int, work: Path, tag: str, stores: Path,
+              records: bool = True) -> dict:
+    """Arm (b): `sweeper study run` in its own process; the timeline is read back from the stores. Arm (c),
+    `records=False`: the same without the trials' models and system metrics (what they cost is b - c)."""
     name = f"bench-study-{tag}-{uuid.uuid4().hex[:6]}"
     spec_path = work / f"{name}.yaml"
     import yaml
 
-    spec_path.write_text(yaml.safe_dump(study_spec(s, name, train_size), sort_keys=False))
+    spec_path.write_text(yaml.safe_dump(study_spec(s, name, train_size, records), sort_keys=False))
     storage, uri = store_urls(stores)
     args = [sys.executable, "-m", "sweeper.cli", "study", "run", str(spec_path), "--storage", storage,
             "--tracking-uri", uri] + (["--quiet"] if s.quiet else []) + ([] if s.report else ["--no-report"])
-    launched, exited, cpu = _launch(args, work, _env(s, stores / "mlruns"), work / f"{name}.log")
+    env = {**_env(s, stores / "mlruns"), **({} if records else {"SWEEPER_SYSTEM_METRICS_INTERVAL": "0"})}
+    launched, exited, cpu = _launch(args, work, env, work / f"{name}.log")
     return {**timeline(launched, exited, study_trials(name, storage, uri, s.epochs)), "cpu": cpu}
 
 
@@ -254,6 +262,8 @@ def timeline(launched: float, exited: float, trials: list[dict], train_calls: fl
 # --------------------------------------------------------------------------------------------------
 
 
+ARMS = {"bare": "(a) bare train() script", "study": "(b) sweeper study run",
+        "plain": "(c) sweeper study run, no models or system metrics"}
 ROWS = (("setup", "setup: launch to the first trial"), ("trial_costs", "per-trial work outside epochs"),
         ("epoch_costs", "per-epoch work (checkpoint, report, log)"), ("between", "between trials"),
         ("train", "training epochs + evaluations"), ("teardown", "teardown: last trial to exit"))
@@ -272,19 +282,19 @@ def run_study_bench(s: StudyBenchSettings, log: Callable[[str], None] = print) -
                    for lr in learning_rates(s.trials)]
         if not s.fresh_stores:
             create_stores(work / "stores")
-        samples: dict[str, list[dict]] = {"bare": [], "study": []}
+        samples: dict[str, list[dict]] = {"bare": [], "study": [], "plain": []}
+        arms = ("bare", "study", "plain")
         for rep in range(s.repeats):
-            order = ("bare", "study") if rep % 2 == 0 else ("study", "bare")  # a-b, b-a, a-b, ...
+            order = arms[rep % 3:] + arms[:rep % 3]  # a-b-c, b-c-a, c-a-b, ...: drift hits every arm alike
             stores = work / (f"stores-{rep}" if s.fresh_stores else "stores")
             for arm in order:
                 if arm == "bare":
                     sample = run_bare(s, configs, work, str(rep))
                 else:
-                    sample = run_study(s, train_size, work, str(rep), stores)
+                    sample = run_study(s, train_size, work, str(rep), stores, records=arm == "study")
                 samples[arm].append(sample)
-                what = "(a) bare train() script" if arm == "bare" else "(b) sweeper study run"
-                log(f"[{rep + 1}/{s.repeats}] {what:<26} {sample['wall']:7.2f} s wall, {sample['train']:6.2f} s in "
-                    "training epochs")
+                log(f"[{rep + 1}/{s.repeats}] {ARMS[arm]:<44} {sample['wall']:7.2f} s wall, {sample['train']:6.2f} s "
+                    "in training epochs")
     finally:
         if not s.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -328,10 +338,17 @@ def summarize(s: StudyBenchSettings, train_size: int, samples: dict[str, list[di
         f"(pairwise median)")
     log(f"against the sum of the bare train() calls alone ({a['train_calls']:.2f} s; Python start and the torch "
         f"import counted as overhead too): {100 * vs_calls:.2f}%")
+    c = med["plain"]
+    records = {"wall_s": b["wall"] - c["wall"], "per_epoch_s": b["per_epoch"] - c["per_epoch"],
+               "train_s": b["train"] - c["train"], "teardown_s": b["teardown"] - c["teardown"],
+               "cpu_s": b["cpu"] - c["cpu"]}
+    log(f"the trials' models and system metrics, (b) - (c): {records['wall_s']:+.2f} s wall ({100 * records['wall_s'] / b['wall']:+.2f}%), "
+        f"{records['per_epoch_s'] * 1e3:+.0f} ms per epoch, training epochs {records['train_s']:+.2f} s, teardown "
+        f"{records['teardown_s']:+.2f} s, CPU {records['cpu_s']:+.2f} s (the courier's work)")
     return {"settings": {**asdict(s), "train_size": train_size}, "medians": med, "extra": extra,
             "overhead": overhead, "overhead_pairwise_median": median(pairs),
             "overhead_outside_training": median(outside), "overhead_vs_train_calls": vs_calls,
-            "breakdown": breakdown, "samples": samples}
+            "breakdown": breakdown, "records": records, "samples": samples}
 
 
 # --------------------------------------------------------------------------------------------------

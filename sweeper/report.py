@@ -327,13 +327,13 @@ def local_steps_figure(study, spec: StudySpec, frame: pd.DataFrame):
             lines.append((labels(group.head(1), named)[0] if named else "all", mean))
     if not lines:
         return None
-    fig, ax = _figure(7.5, 4.0)
+    fig, ax = _figure(11.0, 4.0)
     for label, mean in lines[:CURVES_SHOWN]:
         ax.plot(mean.index, mean.values, marker="o", label=label)
     ax.set(xlabel="epoch", ylabel=NAMES["local_steps_mean"], title=f"{spec.name}: local steps per round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes, never over a line
     return fig
 
 

@@ -116,7 +116,7 @@ class TrackedRun:
             "experiment": experiment, "run_name": run_name, "parent": parent, "key": key,
             "start_time": int(self.started * 1000),
             "tags": {"sweeper.kind": "trial", **{k: str(v) for k, v in (tags or {}).items()}}})
-        if system_metrics:
+        if system_metrics and SYSTEM_METRICS_INTERVAL > 0:  # SWEEPER_SYSTEM_METRICS_INTERVAL=0: none
             self.logger.system_metrics(SYSTEM_METRICS_INTERVAL)
 
     @property

@@ -572,10 +572,10 @@ MODEL_FORMAT = os.environ.get("SWEEPER_MODEL_FORMAT", "pickle")
 def log_pytorch_model(client, run_id: str, checkpoint_dir: str, info: dict) -> None:
     """An MLflow PyTorch model ("model" of the run: `mlflow.pytorch.load_model("runs:/ID/model")`, or
     `models:/MODEL_ID`) with its input signature (normalized images [N, C, H, W] -> logits [N, classes]),
-    built from the trial's last checkpoint (the one-model runner's weights: the evaluated model). Torch
-    and the trainer core are imported here, in the courier, only when a study logs a model; one model at
-    a time, at the courier's low priority. A checkpoint gone, or one of the K-worker engine (whose
-    evaluated model is an average the checkpoint does not hold), is a warning and no model."""
+    built from the trial's last checkpoint: the model its last evaluation measured (one model's weights,
+    or the K workers' average: `trainers.checkpoints.evaluated_state`). Torch and the trainer core are
+    imported here, in the courier, only when a study logs a model; one model at a time, at the courier's
+    low priority. A checkpoint gone, or one without a model (a dist rank's), is a warning and no model."""
     path = Path(checkpoint_dir) / "checkpoint.pt"
     if not path.exists():
         log.warning("no checkpoint in %s; run %s gets no model", checkpoint_dir, run_id[:8])
@@ -588,18 +588,17 @@ def log_pytorch_model(client, run_id: str, checkpoint_dir: str, info: dict) -> N
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
+        from trainers.checkpoints import evaluated_state
         from trainers.config import TrainConfig
         from trainers.models import build_model
 
         payload = torch.load(path, map_location="cpu", weights_only=False)
-        state = (payload.get("runner") or {}).get("model")
-        if state is None:
-            log.warning("run %s: a K-worker checkpoint holds no single model; no model logged", run_id[:8])
-            return
         cfg = TrainConfig.from_dict(info["config"])
         channels, size, classes = info["input_shape"]
         model = build_model(cfg.model, channels, size, classes)
-        model.load_state_dict(state)
+        if evaluated_state(payload, model) is None:
+            log.warning("run %s: its checkpoint holds no model to log", run_id[:8])
+            return
         model.eval()
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, size, size))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))

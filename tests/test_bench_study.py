@@ -21,8 +21,8 @@ def test_bench_study_runs_both_arms_and_reports_the_breakdown(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["settings"]["trials"] == 2 and out["settings"]["train_size"] == 64
-    assert len(out["samples"]["bare"]) == len(out["samples"]["study"]) == 1
-    for arm in ("bare", "study"):
+    assert len(out["samples"]["bare"]) == len(out["samples"]["study"]) == len(out["samples"]["plain"]) == 1
+    for arm in ("bare", "study", "plain"):
         sample = out["samples"][arm][0]
         assert sample["trials"] == 2 and sample["epochs"] == 4 and sample["wall"] > sample["train"] > 0
         parts = sum(sample[k] for k in ("setup", "trial_costs", "epoch_costs", "between", "train", "teardown"))
@@ -31,6 +31,8 @@ def test_bench_study_runs_both_arms_and_reports_the_breakdown(tmp_path, monkeypa
                                      "teardown_s", "training_slowdown_s"}
     assert all(isinstance(out[k], float) for k in ("overhead", "overhead_outside_training", "overhead_vs_train_calls"))
     assert "overhead of `sweeper study run` over the bare script" in result.stderr
+    assert set(out["records"]) == {"wall_s", "per_epoch_s", "train_s", "teardown_s", "cpu_s"}
+    assert "the trials' models and system metrics, (b) - (c)" in result.stderr
     # The study arm was a real study: its stores and its log are kept with --keep.
     assert (keep / "stores" / "optuna.db").exists() and (keep / "stores" / "mlflow.db").exists()
     assert any(p.name.startswith("bench-study-0-") and p.suffix == ".log" for p in keep.iterdir())

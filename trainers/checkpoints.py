@@ -149,3 +149,30 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def evaluated_state(payload: dict, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state dict of the model a checkpoint's last evaluation measured, loaded into `model` (one of
+    the run's architecture): the one-model runner's weights, or the K workers' average (parameters and
+    float buffers; integer buffers of worker 0), as `WorkerRunner.eval_model` evaluates it. None for a
+    checkpoint that holds neither (a dist rank's)."""
+    from .engine import Layout
+
+    runner = payload.get("runner") or {}
+    if "model" in runner:
+        model.load_state_dict(runner["model"])
+        return model.state_dict()
+    if "x" not in runner:
+        return None
+    layout = Layout(model)
+    x, b = runner["x"].float().mean(0, keepdim=True), runner["b"].float().mean(0, keepdim=True)
+    with torch.no_grad():
+        for view, slot in zip(layout.row_views(x, layout.params, 0), layout.params):
+            model.get_parameter(slot.name).copy_(view)
+        for view, slot in zip(layout.row_views(b, layout.buffers, 0), layout.buffers):
+            model.get_buffer(slot.name).copy_(view)
+        ints = (runner.get("backend") or {}).get("ints")
+        first = ints[0] if isinstance(ints, list) else {n: t[0] for n, t in (ints or {}).items()}
+        for name, value in first.items():
+            model.get_buffer(name).copy_(value)
+    return model.state_dict()
