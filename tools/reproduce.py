@@ -91,6 +91,9 @@ def run_one(spec_path: Path, fresh: bool) -> tuple[str, float | None, int]:
         print(f"{name}: exit {code} after {wall:.0f} s", flush=True)
     ran = json.loads(record.read_text())
     if ran["exit"] == 0:
+        for stale in out.iterdir():  # a report's files from an earlier build (a plot it no longer draws)
+            if stale.name not in ("run.json", "run.log", "RUN.md") and stale.is_file():
+                stale.unlink()
         sweeper("study", "report", name, "--out", str(out.relative_to(ROOT)), "--no-log")
     (out / "RUN.md").write_text(
         f"# How `{name}` was run\n\n"
