@@ -171,9 +171,10 @@ def _exit_status(spec, p, n_trials, failed: int | None, resume: str | None = Non
 def _summary(spec, p, parent_run_id, report) -> None:
     from .figures import fmt
 
-    best = f"; best {spec.objective.metric} {fmt(spec.objective.metric, p.best[1])} at {spec.label(p.best[0])}"
+    best = (f"; best {spec.objective.metric} {fmt(spec.objective.metric, p.best[1])} at {spec.label(p.best[0])}"
+            if p.best else "")
     click.echo(f"study {spec.name}: {p.done}/{p.total} done" + (f", {p.diverged} diverged" if p.diverged else "")
-               + (best if p.best else ""))
+               + best)
     where = (f"report: {report} (also on the parent run, artifacts/report)" if report else
              f"tables and plots: sweeper study report {spec.name}")
     click.echo(f"MLflow: experiment '{spec.name}', parent run {parent_run_id}; {where}")
