@@ -356,3 +356,21 @@ def test_delete_removes_the_study_its_experiment_and_files_after_asking(workdir)
     again = cli.invoke(main, ["study", "run", str(spec), "--n-trials", "0"])  # a new study of that name
     assert again.exit_code == 0 and client.get_experiment_by_name("gone").experiment_id != old
     assert cli.invoke(main, ["study", "delete", "nope", "--yes"]).exit_code == 2
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_complete_study_touches_neither_mlflow_nor_the_trainer(tracked):
+    """Nothing left to run or deliver: the rerun answers from Optuna's storage alone (no courier, no
+    torch import), and exits 0."""
+    import sys
+
+    spec = write_spec(tracked / "done.yaml", "done")
+    out, _ = run(spec)
+    assert out.complete
+    script = ("import sys; from click.testing import CliRunner; from sweeper.cli import main; "
+              f"r = CliRunner().invoke(main, ['study', 'run', {str(spec)!r}]); "
+              "print(r.exit_code, 'is complete; nothing to run' in r.output, 'torch' in sys.modules, "
+              "'mlflow' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", script], cwd=tracked, env=subprocess_env(tracked),
+                         capture_output=True, text=True, timeout=120)
+    assert res.stdout.split()[-4:] == ["0", "True", "False", "False"], res.stdout + res.stderr
