@@ -67,6 +67,8 @@ def worker_env(index: int, workers: int, gpus: int) -> dict[str, str]:
 
 
 def _gpu_count() -> int:
+    if sys.platform.startswith("linux") and not Path("/proc/driver/nvidia/gpus").exists():
+        return 0  # no NVIDIA driver: no CUDA device, known without importing torch (seconds)
     try:
         import torch
 

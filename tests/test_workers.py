@@ -223,3 +223,21 @@ def test_workers_relay_every_epoch_line_unless_quiet_and_print_one_summary(workd
     epochs = [line for line in lines if line[:3] in ("[w1", "[w2") and line[5:].startswith("epoch ")]
     assert len(epochs) == 6 and all("(study e: " in line for line in epochs), proc.stdout
     assert sum(line.startswith("study e: 3/3 done") for line in lines) == 1, proc.stdout
+
+
+@pytest.mark.slow
+def test_preparing_a_study_for_workers_imports_no_torch(workdir):
+    """`--workers N` prepares the study in its own process and trains nothing there: the trainer's import
+    (torch, seconds) is the workers' alone. (On a machine with an NVIDIA driver, counting its GPUs does.)"""
+    import sys
+    from pathlib import Path
+
+    spec = write_spec(workdir / "p.yaml", "prep")
+    script = ("import sys; from sweeper.spec import load_spec; from sweeper.study import run; "
+              "from sweeper.workers import _gpu_count; "
+              "out = run(load_spec(sys.argv[1]), n_trials=0, quiet=True, echo=lambda line: None); _gpu_count(); "
+              "print(out.progress.total, 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", script, str(spec)], cwd=workdir, env=subprocess_env(workdir),
+                         capture_output=True, text=True, timeout=120)
+    driver = Path("/proc/driver/nvidia/gpus").exists()
+    assert res.stdout.split()[-2:] == ["2", str(driver)], res.stdout + res.stderr

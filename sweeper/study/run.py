@@ -286,7 +286,8 @@ def run(spec: StudySpec, storage: str | None = None, tracking_uri: str | None = 
             # its own imports run beside that one rather than beside the first trial.
             client = tracking.Courier(uri, state_dir() / "spool")
             t_import = time.perf_counter()
-            import trainers.train  # noqa: F401 - the trainer's import (torch) is not orchestration: timed apart
+            if n_trials != 0:  # (a call that only prepares the study, as `--workers N` does, trains nothing)
+                import trainers.train  # noqa: F401 - the trainer's import (torch) is not orchestration: timed apart
             import_time = time.perf_counter() - t_import
             study = open_study(spec, store)
             if study.user_attrs.get(A_TRACKING) != stored_tracking(uri):
