@@ -197,3 +197,17 @@ def test_an_unknown_study_lists_the_known_ones(workdir):
     make_study(workdir)
     result = CliRunner().invoke(main, ["study", "status", "nope"])
     assert result.exit_code == 2 and "no study named 'nope'" in result.output and "known: s" in result.output
+
+
+def test_the_study_eta_beside_a_trial_counts_that_trial_once():
+    """Seen from inside a trial (the status read before it started): the trials not started yet at the
+    finished ones' mean, plus what this and the other live trials have left, shared by the live workers."""
+    from sweeper.study.progress import Progress, Running, Status, study_eta
+
+    def status(running):
+        return Status("s", None, Progress({}, done=2, total=4, best=None), {}, running, None, None, 20.0, 30.0, [])
+
+    assert study_eta(status([]), 28.0, 40.0) == pytest.approx(20.0 + 28.0)  # one trial after this one
+    other = Running(number=3, epoch=1, elapsed=5.0, worker="h:1", heartbeat_age=1.0)
+    assert study_eta(status([other]), 28.0, 40.0) == pytest.approx((28.0 + 15.0) / 2)  # two workers, none left
+    assert study_eta(status([]), None, None) is None  # before this trial's first epoch

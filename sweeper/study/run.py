@@ -144,11 +144,11 @@ class Call:
                     break  # only points that failed in this call are left
                 time.sleep(POLL_S)
                 continue
+            self.trials.study_row = StudyRow(status(self.study, spec))  # before `ask`: the trial is not one of its live ones
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "Heartbeat of storage is supposed to be used with optimize": ours is `Heartbeat`
                 trial = self.study.ask()
             faults.point("asked")
-            self.trials.study_row = StudyRow(status(self.study, spec))
             state, value = self.trials.run(trial, f"[{min(prog.done + 1, prog.total)}/{prog.total}]")
             self.after_trial(trial.number, state, value)
 
