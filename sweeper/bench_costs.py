@@ -123,13 +123,9 @@ def python_cmd(code: str, *args: str) -> list[str]:
 
 
 def arm_env(s: CostBenchSettings, state_dir: Path) -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads),
-           "SWEEPER_STATE_DIR": str(state_dir),
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    for key in ("MLFLOW_TRACKING_URI", "SWEEPER_STORAGE"):
-        env.pop(key, None)
-    return env
+    from .bench_study import arm_env as process_env
+
+    return process_env(s.threads, state_dir)
 
 
 def timed(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:

@@ -130,13 +130,20 @@ def calibrate(s: StudyBenchSettings, log: Callable[[str], None]) -> int:
 # The two arms, each a process of its own
 
 
-def _env(s: StudyBenchSettings, state_dir: Path) -> dict[str, str]:
+def arm_env(threads: int, state_dir: Path) -> dict[str, str]:
+    """A measured process's environment: `threads` intra-op threads, its own state directory, this
+    checkout importable, and no tracking URI or storage of the caller's."""
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads),
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "SWEEPER_STATE_DIR": str(state_dir),
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for key in ("MLFLOW_TRACKING_URI", "SWEEPER_STORAGE"):
         env.pop(key, None)
+    return env
+
+
+def _env(s: StudyBenchSettings, state_dir: Path) -> dict[str, str]:
+    env = arm_env(s.threads, state_dir)
     if s.dataset != "synthetic":  # the invoking directory's data cache, not the temporary one's
         env["SWEEPER_DATA_DIR"] = os.environ.get("SWEEPER_DATA_DIR") or str(Path("data").resolve())
     return env
